@@ -229,10 +229,7 @@ class HybridModel(nn.Module):
             replacements[i] = AttentionWrapper(teacher_attention, student) if align else student
         for i, module in replacements.items():  # swap only once every student is built
             set_attention(decoder[i], family, module)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in self.student_parameters():
-            p.requires_grad_(True)
+        self.select_trainable("mixers")
 
     @property
     def config(self):
@@ -248,6 +245,27 @@ class HybridModel(nn.Module):
 
     def student_parameters(self) -> list[nn.Parameter]:
         return [p for s in self.students().values() for p in s.parameters()]
+
+    def select_trainable(self, which: str) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze `which`: "mixers" (the time mixers), "all_but_mlp"
+        (all but the decoder layers' feed-forward blocks) or "all". Returns the trainable ones."""
+        if which == "mixers":
+            chosen = self.student_parameters()
+        elif which == "all_but_mlp":
+            mlp_params = {id(p) for layer in decoder_layers(self.model)
+                          for p in getattr(layer, self.family.mlp).parameters()}
+            chosen = [p for p in self.model.parameters() if id(p) not in mlp_params]
+        elif which == "all":
+            chosen = list(self.model.parameters())
+        else:
+            raise ValueError(f"unknown trainable set '{which}'")
+        if self.aligning and which != "mixers":
+            raise UserError("stage 1 trains only the time mixers: set trainable to 'mixers'")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in chosen:
+            p.requires_grad_(True)
+        return chosen
 
     @property
     def aligning(self) -> bool:

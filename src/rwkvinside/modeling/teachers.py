@@ -22,6 +22,7 @@ class TeacherFamily:
     name: str
     layers: str = "model.layers"  # the nn.ModuleList of decoder layers
     attention: str = "self_attn"  # a decoder layer's attention module
+    mlp: str = "mlp"  # a decoder layer's feed-forward block
     projections: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
     qk_norms: tuple[str, str] | None = None  # per-head RMSNorms on q and k, before RoPE
 

@@ -1,0 +1,111 @@
+"""The student checkpoint: the folder a stage writes and the next stage, export and eval read.
+
+    config.json          the teacher's Hugging Face config (the architecture around the mixers)
+    rwkvinside.json      conversion spec and provenance (teacher, stages run, tokens seen)
+    model.safetensors    every weight of the hybrid model, students in the attention slots
+    tokenizer files      as the teacher's tokenizer saves them
+
+Written into a temporary sibling folder and renamed into place, so a crash mid-save leaves any
+earlier folder intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rwkvinside.errors import UserError
+from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
+
+METADATA_FILE = "rwkvinside.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move a fully written `tmp` folder to `final`, replacing any older one."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[str, Any]) -> None:
+    """Write the student (teacher attentions dropped first) atomically to `folder`."""
+    if model.aligning:
+        model.drop_teacher_attention()
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.config.to_json_file(tmp / "config.json")
+        spec = model.spec
+        metadata = {
+            "format": FORMAT_VERSION,
+            "conversion": {"layers": list(model.converted_layers), "head_size": spec.head_size,
+                           "init": spec.init},
+            **provenance,
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        # Tied embeddings share one tensor; safetensors stores each name separately.
+        state = {k: v.detach().contiguous().cpu().clone() for k, v in model.model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_folder(tmp, folder)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the student to {folder} ({error.strerror or error}); "
+                        "free disk space or choose another --output; earlier checkpoints are intact") from None
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / METADATA_FILE
+    if not folder.is_dir() or not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"'{folder}' is not a student checkpoint (it needs {METADATA_FILE} and {WEIGHTS_FILE}); "
+                        "give the folder a stage wrote (e.g. runs/<run>/stage1/student)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is corrupt (not JSON); re-run the stage that wrote it") from None
+
+
+def load_student(folder: Path, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> tuple[HybridModel, Any, dict[str, Any]]:
+    """(model in stage 2/3 mode, tokenizer, metadata) from a student checkpoint folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    conversion = metadata["conversion"]
+    config = AutoConfig.from_pretrained(folder)
+    skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    spec = ConversionSpec(layers=tuple(conversion["layers"]), head_size=conversion["head_size"], init="rwkv")
+    model = HybridModel(skeleton, spec, align=False)
+    try:
+        state = load_file(folder / WEIGHTS_FILE, device=str(device))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{folder / WEIGHTS_FILE} is corrupt or unreadable ({error}); "
+                        "re-run the stage that wrote it") from None
+    result = model.model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                                         strict=False)
+    missing = [k for k in result.missing_keys if "rotary_emb" not in k]
+    if missing or result.unexpected_keys:
+        problem = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
+        raise UserError(f"{folder / WEIGHTS_FILE} does not match its config ({problem}); "
+                        "re-run the stage that wrote it")
+    if config.tie_word_embeddings:
+        model.model.tie_weights()
+    model.model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, metadata
