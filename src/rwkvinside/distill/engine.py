@@ -63,6 +63,7 @@ class Engine:
 
     rank = 0
     world_size = 1
+    skips_nonfinite_steps = True  # False: a non-finite gradient may already have been applied
     device: torch.device
     optimizer: torch.optim.Optimizer
 
@@ -102,7 +103,8 @@ class PlainEngine(Engine):
     def optimizer_step(self) -> float:
         """Clip, step and zero the gradients; returns the gradient norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        if torch.isfinite(norm):  # a non-finite gradient never reaches the weights
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -130,6 +132,8 @@ class PlainEngine(Engine):
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed: ZeRO 0-3 over NCCL (GPU) or gloo (CPU), bf16 on GPU, optional CPU offload."""
+
+    skips_nonfinite_steps = False
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], train: TrainConfig,
                  engine: EngineConfig, device: torch.device, dtype: torch.dtype):

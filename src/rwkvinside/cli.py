@@ -1,0 +1,119 @@
+"""The `rwkvinside` command line: distill | export | generate | chat | eval.
+
+Problems a user can fix end as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rwkvinside.errors import UserError
+
+logger = logging.getLogger("rwkvinside")
+
+DISTILL_HELP = """\
+Distil a teacher into an RWKV-7 student: stage 1 aligns each converted attention, stage 2 distils
+the teacher's logits (KL), stage 3 fine-tunes on chat data. With no arguments: the embedded demo
+(SmolLM2-135M-Instruct on Shakespeare, stages 1 and 2, on the CPU in minutes).
+
+Any config key can be overridden as KEY=VALUE, e.g. stage1.lr=5e-4 train.grad_accum=4.
+"""
+
+
+def add_distill(commands) -> None:
+    p = commands.add_parser("distill", help="train a student (stages 1-3)", description=DISTILL_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.lr=1e-4")
+    p.add_argument("--config", help="YAML config file (default: the embedded demo, configs/demo.yaml)")
+    p.add_argument("--teacher", help="local HF folder, .gguf file, or 'smollm2-135m' (the embedded teacher)")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="training text: .txt/.jsonl/.parquet files, folders, HF datasets folders, globs")
+    p.add_argument("--stage", default="all", help="1, 2, 3 or all (1 -> 2 -> 3; 3 only with chat data)")
+    p.add_argument("--output", help="run folder (default: a new runs/<start time>)")
+    p.add_argument("--init-from", help="student folder of an earlier stage to start stage 2 or 3 from")
+    p.add_argument("--max-steps", type=int, help="optimizer steps per stage")
+    p.add_argument("--max-tokens", type=int, help="trained tokens per stage")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    p.add_argument("--save-every", type=int, help="optimizer steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.set_defaults(handler=run_distill)
+
+
+def distill_overrides(args: argparse.Namespace) -> list[str]:
+    """The dedicated flags as KEY=VALUE overrides, applied after the positional ones."""
+    overrides = list(args.overrides)
+    stages = ("stage1", "stage2", "stage3")
+    if args.teacher:
+        overrides.append(f"teacher.source={args.teacher}")
+    if args.data:
+        overrides.append("data.train=[" + ", ".join(repr(p) for p in args.data) + "]")
+    if args.seq_len is not None:
+        overrides.append(f"data.seq_len={args.seq_len}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    if args.save_every is not None:
+        overrides.append(f"checkpoint.save_every={args.save_every}")
+    for flag, key in ((args.max_steps, "max_steps"), (args.max_tokens, "max_tokens")):
+        if flag is not None:
+            overrides += [f"{stage}.{key}={flag}" for stage in stages]
+    return overrides
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from rwkvinside.distill.pipeline import distill
+
+    config = args.config
+    if config is None and not args.resume:
+        config = str(files("rwkvinside").joinpath("configs/demo.yaml"))
+    report = distill(config, distill_overrides(args), args.stage, args.output, args.init_from, args.resume,
+                     args.overwrite)
+    from rwkvinside.distill.pipeline import render_report
+
+    print(render_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwkvinside", description="Turn a transformer LLM into an RWKV-7 model.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+COMMANDS: list[Callable] = [add_distill]
+
+
+def setup_logging(quiet: bool) -> None:
+    from rwkvinside.distill.engine import launched_world
+
+    level = logging.WARNING if quiet or launched_world()[0] != 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "datasets", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"rwkvinside: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rwkvinside: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

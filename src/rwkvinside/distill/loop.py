@@ -1,0 +1,170 @@
+"""One training loop for every stage (the seed's flowchart, top to bottom).
+
+    until the budget is spent:
+        set learning rate and weight decay from the schedule
+        for each micro-batch: forward, loss (the Stage's), backward
+        optimizer step at the accumulation boundary
+        log; save a checkpoint when due
+
+The loop is engine-agnostic and stage-agnostic: the Stage computes the loss, the Engine owns the
+optimizer and the process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rwkvinside.config import StageConfig, TrainConfig
+from rwkvinside.distill.checkpoint import save_checkpoint
+from rwkvinside.distill.metrics import RunLog
+from rwkvinside.distill.stages import Stage
+from rwkvinside.errors import UserError
+from rwkvinside.modeling.hybrid import HybridModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint restores. `elapsed` is training time, summed over resumptions."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    bad_steps: int = 0  # non-finite losses or gradients in a row
+
+
+def budget_fraction(progress: Progress, stage: StageConfig) -> float:
+    """How much of the budget is spent, in [0, 1]: the furthest of the step/token/time budgets."""
+    fractions = []
+    if stage.max_steps:
+        fractions.append(progress.step / stage.max_steps)
+    if stage.max_tokens:
+        fractions.append(progress.tokens / stage.max_tokens)
+    if stage.max_time:
+        fractions.append(progress.elapsed / stage.max_time)
+    return min(1.0, max(fractions))
+
+
+def schedule(progress: Progress, stage: StageConfig) -> tuple[float, float]:
+    """(learning rate, weight decay): linear warm-up, then cosine decay to lr_final over the budget;
+    weight decay moves linearly from its start to its final value."""
+    spent = budget_fraction(progress, stage)
+    if progress.step < stage.warmup_steps:
+        lr = stage.lr * (progress.step + 1) / stage.warmup_steps
+    else:
+        lr = stage.lr_final + 0.5 * (stage.lr - stage.lr_final) * (1 + math.cos(math.pi * spent))
+    weight_decay = stage.weight_decay + (stage.weight_decay_final - stage.weight_decay) * spent
+    return lr, weight_decay
+
+
+def _zero_loss(params: list[nn.Parameter]) -> Tensor:
+    """A loss of exactly zero that still touches every trainable parameter: it keeps every process
+    and DeepSpeed's accumulation in step when a micro-batch's real loss is not finite."""
+    return sum(p.sum() for p in params) * 0.0
+
+
+class Trainer:
+    """Runs one stage's optimisation until its budget is spent."""
+
+    def __init__(self, stage: Stage, stage_config: StageConfig, train: TrainConfig, model: HybridModel,
+                 teacher: nn.Module | None, batches: Iterator[dict[str, Tensor]], engine, params: list[nn.Parameter],
+                 folder: Path, log: RunLog, save_every: int, keep_last: int, loader_state=None):
+        self.stage = stage
+        self.stage_config = stage_config
+        self.train = train
+        self.model = model
+        self.teacher = teacher
+        self.batches = batches
+        self.engine = engine
+        self.params = params
+        self.folder = folder
+        self.log = log
+        self.save_every = save_every
+        self.keep_last = keep_last
+        self.loader_state = loader_state  # callable returning the data cursor for checkpoints
+
+    def _micro_batch(self) -> dict[str, Tensor]:
+        batch = next(self.batches)
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+
+    def _reduce_mean(self, metrics: dict[str, Tensor]) -> dict[str, float]:
+        if not metrics:
+            return {}
+        keys = sorted(metrics)
+        values = self.engine.all_reduce_sum(torch.stack([metrics[k].float() for k in keys]))
+        return {k: float(v) / self.engine.world_size for k, v in zip(keys, values)}
+
+    def step(self, progress: Progress) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns the logged record."""
+        lr, weight_decay = schedule(progress, self.stage_config)
+        self.engine.set_schedule(lr, weight_decay)
+        sums: dict[str, Tensor] = {}
+        tokens = torch.zeros((), dtype=torch.long, device=self.engine.device)
+        bad = False
+        for _ in range(self.train.grad_accum):
+            out = self.stage.step(self.model, self.teacher, self._micro_batch(), self.stage_config,
+                                  self.train.loss_chunk)
+            finite = self.engine.all_reduce_sum(torch.isfinite(out.loss.detach()).float()) == self.engine.world_size
+            if not finite:
+                bad = True
+                self.engine.set_schedule(0.0, 0.0)  # nothing of this step may reach the weights
+            self.engine.backward(out.loss if finite else _zero_loss(self.params))
+            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[key] = sums.get(key, 0) + value.float() / self.train.grad_accum
+            tokens += out.tokens
+        grad_norm = self.engine.optimizer_step()
+        record = self._reduce_mean(sums)
+        record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm)
+        record["tokens_in_step"] = int(self.engine.all_reduce_sum(tokens))
+        record["bad"] = bad or not math.isfinite(grad_norm)
+        return record
+
+    def run(self, progress: Progress) -> Progress:
+        self.model.train()
+        last_save = progress.step
+        while budget_fraction(progress, self.stage_config) < 1.0:
+            started = time.monotonic()
+            record = self.step(progress)
+            if record.pop("bad"):
+                progress.bad_steps += 1
+                logger.warning("step %d: loss or gradient not finite (%d in a row); step skipped",
+                               record["step"], progress.bad_steps)
+                if progress.bad_steps >= self.train.max_bad_steps:
+                    raise UserError(
+                        f"the loss was NaN/inf for {progress.bad_steps} steps in a row (stage {self.stage.number}, "
+                        f"step {record['step']}); lower the learning rate or check the data; the last "
+                        "checkpoint is intact")
+                if not math.isfinite(record["grad_norm"]) and not self.engine.skips_nonfinite_steps:
+                    # DeepSpeed has already applied that step: the weights cannot be trusted.
+                    raise UserError("the gradient norm was NaN/inf and DeepSpeed applied the step; resume from "
+                                    "the last checkpoint with a lower learning rate")
+            else:
+                progress.bad_steps = 0
+            progress.step = record["step"]
+            progress.tokens += record["tokens_in_step"]
+            seconds = time.monotonic() - started
+            progress.elapsed += seconds
+            record.update(tokens=progress.tokens, tokens_per_s=record["tokens_in_step"] / max(seconds, 1e-9),
+                          elapsed_s=progress.elapsed)
+            spent = budget_fraction(progress, self.stage_config)
+            remaining = progress.elapsed * (1 - spent) / spent if spent > 0 else None
+            self.log.write(record, remaining)
+            if self.save_every and progress.step - last_save >= self.save_every:
+                self.save(progress)
+                last_save = progress.step
+        return progress
+
+    def save(self, progress: Progress) -> Path:
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        client_state = {"progress": asdict(progress),
+                        "data": self.loader_state() if self.loader_state else None}
+        return save_checkpoint(self.folder, progress.step, self.engine, trainable, client_state, self.keep_last)

@@ -1,0 +1,99 @@
+"""What a person sees during training: a progress bar, a JSONL log and TensorBoard scalars.
+
+Only the main process writes; the others get a RunLog that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class RunLog:
+    """One record per optimizer step to `log.jsonl` (and TensorBoard), and a progress bar."""
+
+    def __init__(self, folder: Path | None, tag: str, total: int | None, progress: bool, tensorboard: bool,
+                 initial_step: int = 0):
+        self.folder = folder
+        self.tag = tag
+        self.file = None
+        self.writer = None
+        self.bar = None
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = (folder / "log.jsonl").open("a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboard is not installed; scalars go to log.jsonl only")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial_step, desc=tag, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any], remaining_s: float | None) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"stage": self.tag, **record}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.writer.add_scalar(f"{self.tag}/{key}", value, record["step"])
+        if self.bar is not None:
+            shown = {"loss": f"{record['loss']:.4g}", "lr": f"{record['lr']:.2e}",
+                     "tok/s": f"{record['tokens_per_s']:.0f}"}
+            if remaining_s is not None:
+                shown["left"] = format_seconds(remaining_s)
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(record["step"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_alignment(records: list[dict[str, Any]], path: Path) -> None:
+    """After stage 1: each layer's alignment loss at the start and the end of the stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in records[-1] if k.startswith("align/layer_"))
+    if not keys:
+        return
+    layers = [int(k.rsplit("_", 1)[1]) for k in keys]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.semilogy(layers, [records[0][k] for k in keys], "o--", label=f"step {records[0]['step']}")
+    axis.semilogy(layers, [records[-1][k] for k in keys], "o-", label=f"step {records[-1]['step']}")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("alignment loss (MSE)")
+    axis.set_title("Stage 1: student vs teacher attention output, per layer")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
