@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rwkvinside.data.batch import Sample
 from rwkvinside.data.chat import ChatDataset, conversation_sample, render_conversations
 from rwkvinside.data.loader import MapSource, ShardedLoader, StreamSource
 from rwkvinside.data.packing import PackedDataset, pack_windows, packed_sample, pad_id, tokenize_stream
@@ -21,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    """The data knobs of one training stage."""
+    """The loader knobs of one training stage (the run config maps its own sections onto these)."""
 
     paths: list[str] = field(default_factory=list)  # training files/folders, read in this order
     seq_len: int = 2048  # tokens per training sequence (T)
@@ -29,11 +27,9 @@ class DataConfig:
     seed: int = 0  # shuffling seed; epoch e uses (seed, e)
     streaming: bool = False  # tokenise lazily each epoch instead of holding the corpus in memory
     shuffle_buffer: int = 10_000  # streaming only: sequences held for the approximate shuffle
-    eval_paths: list[str] = field(default_factory=list)  # held-out text files/folders for perplexity
-    eval_batch_size: int = 1  # held-out windows per evaluation batch
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "shuffle_buffer", "eval_batch_size"):
+        for name in ("seq_len", "batch_size", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
 
@@ -42,8 +38,7 @@ def build_train_loader(config: DataConfig, tokenizer: PreTrainedTokenizerBase, *
                        rank: int = 0, world_size: int = 1) -> ShardedLoader:
     """This rank's endless loader of [batch_size, seq_len] batches; `chat` selects SFT rendering."""
     if config.streaming:
-        source = StreamSource(lambda: _stream_samples(config, tokenizer, chat), config.seed,
-                              config.shuffle_buffer)
+        source = _stream_source(config, tokenizer, chat)
     else:
         dataset = (ChatDataset.from_records(iter_conversations(config.paths), tokenizer, config.seq_len)
                    if chat else PackedDataset.from_texts(iter_texts(config.paths), tokenizer, config.seq_len))
@@ -53,12 +48,14 @@ def build_train_loader(config: DataConfig, tokenizer: PreTrainedTokenizerBase, *
     return ShardedLoader(source, config.batch_size, rank, world_size)
 
 
-def _stream_samples(config: DataConfig, tokenizer: PreTrainedTokenizerBase, chat: bool) -> Iterator[Sample]:
-    """One lazy pass over the data as training samples [seq_len]."""
+def _stream_source(config: DataConfig, tokenizer: PreTrainedTokenizerBase, chat: bool) -> StreamSource:
+    """Each epoch one lazy pass over the files: rendered conversations or packed token windows."""
+    paths, seq_len = config.paths, config.seq_len
     if chat:
         pad = pad_id(tokenizer)
-        for conversation in render_conversations(iter_conversations(config.paths), tokenizer, config.seq_len):
-            yield conversation_sample(conversation, config.seq_len, pad)
-    else:
-        for window in pack_windows(tokenize_stream(iter_texts(config.paths), tokenizer), config.seq_len):
-            yield packed_sample(window, config.seq_len)
+        return StreamSource(lambda: render_conversations(iter_conversations(paths), tokenizer, seq_len),
+                            lambda conversation: conversation_sample(conversation, seq_len, pad),
+                            config.seed, config.shuffle_buffer)
+    return StreamSource(lambda: pack_windows(tokenize_stream(iter_texts(paths), tokenizer), seq_len),
+                        lambda window: packed_sample(window, seq_len), config.seed, config.shuffle_buffer)
+

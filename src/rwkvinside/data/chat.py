@@ -76,7 +76,8 @@ def assistant_tokens(record: Record, tokenizer: PreTrainedTokenizerBase) -> tupl
     for i in turns:
         texts += [_render(messages[:i], tokenizer, True, record.origin),
                   _render(messages[: i + 1], tokenizer, False, record.origin)]
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    ids = encoded["input_ids"]
     full, prefixes = ids[0], ids[1:]
     mask = [False] * len(full)
     unmatched = 0
@@ -90,7 +91,8 @@ def assistant_tokens(record: Record, tokenizer: PreTrainedTokenizerBase) -> tupl
     return full, mask, unmatched
 
 
-def _strip_trailing_whitespace(ids: list[int], start: int, end: int, tokenizer: PreTrainedTokenizerBase) -> int:
+def _strip_trailing_whitespace(ids: list[int], start: int, end: int,
+                               tokenizer: PreTrainedTokenizerBase) -> int:
     """End of span ids[start:end] without trailing whitespace-only tokens (never generated before EOT)."""
     while end > start and not tokenizer.decode(ids[end - 1: end]).strip():
         end -= 1
@@ -125,9 +127,13 @@ def _report(stats: RenderStats, seq_len: int) -> None:
     if stats.assistant_turns == 0:
         raise UserError(f"none of the {stats.conversations} conversations has an assistant turn, so SFT has "
                         "nothing to train on; give chat data with 'assistant' messages")
+    if stats.unmatched_turns == stats.assistant_turns:
+        raise UserError("the chat template renders no assistant turn the same way as a prefix (with "
+                        "add_generation_prompt) as inside the whole conversation, so assistant tokens cannot "
+                        "be found; use a template whose conversation prefixes render as token prefixes")
     if stats.dropped == stats.conversations:
         raise UserError(f"no assistant token of the {stats.conversations} conversations fits in --seq-len "
-                        f"{seq_len} (or the chat template renders no turn consistently); raise --seq-len")
+                        f"{seq_len}; raise --seq-len or shorten the prompts")
     if stats.truncated:
         logger.warning("%d of %d conversations are longer than seq_len %d tokens and were truncated",
                        stats.truncated, stats.conversations, seq_len)

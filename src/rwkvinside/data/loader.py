@@ -14,12 +14,14 @@ its epoch from the start and skips the consumed sequences (costs re-tokenising t
 
 from collections.abc import Callable, Iterable, Iterator, Sized
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from rwkvinside.data.batch import Batch, Sample, collate
 from rwkvinside.errors import UserError
+
+T = TypeVar("T")
 
 
 class Dataset(Protocol):
@@ -46,47 +48,51 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 
 class MapSource:
-    """An in-memory dataset in a fresh permutation each epoch (or in order, for `shuffle=False`)."""
+    """An in-memory dataset in a fresh permutation each epoch."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.shuffle = shuffle
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def epoch(self, epoch: int, start: int) -> Iterator[Sample]:
-        size = len(self.dataset)
-        order = epoch_rng(self.seed, epoch).permutation(size) if self.shuffle else np.arange(size)
+        order = epoch_rng(self.seed, epoch).permutation(len(self.dataset))
         return (self.dataset[int(index)] for index in order[start:])
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"seed": self.seed, "shuffle": self.shuffle, "sequences": len(self.dataset)}
+        return {"seed": self.seed, "sequences": len(self.dataset)}
 
 
 class StreamSource:
-    """Sequences produced on the fly each epoch, shuffled within a bounded buffer."""
+    """Sequences produced on the fly each epoch, shuffled within a bounded buffer.
 
-    def __init__(self, make_samples: Callable[[], Iterable[Sample]], seed: int, buffer_size: int) -> None:
-        """make_samples: returns a fresh pass over the data, in the same order every call."""
+    The buffer holds compact items (token windows, rendered conversations) rather than padded
+    samples, and `to_sample` turns an item into a `Sample` only when it is taken.
+    """
+
+    def __init__(self, make_items: Callable[[], Iterable[Any]], to_sample: Callable[[Any], Sample],
+                 seed: int, buffer_size: int) -> None:
+        """make_items: returns a fresh pass over the data, in the same order every call."""
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
-        self.make_samples = make_samples
+        self.make_items = make_items
+        self.to_sample = to_sample
         self.seed = seed
         self.buffer_size = buffer_size
 
     def epoch(self, epoch: int, start: int) -> Iterator[Sample]:
-        shuffled = shuffle_buffer(self.make_samples(), self.buffer_size, epoch_rng(self.seed, epoch))
-        return islice(shuffled, start, None)
+        shuffled = shuffle_buffer(self.make_items(), self.buffer_size, epoch_rng(self.seed, epoch))
+        return map(self.to_sample, islice(shuffled, start, None))
 
     def fingerprint(self) -> dict[str, Any]:
         return {"seed": self.seed, "buffer_size": self.buffer_size}
 
 
-def shuffle_buffer(items: Iterable[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
+def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
     """Approximate shuffle holding at most `size` items: emit a random held item as each new one arrives."""
-    buffer: list[Sample] = []
+    buffer: list[T] = []
     for item in items:
         if len(buffer) < size:
             buffer.append(item)
@@ -134,9 +140,9 @@ class ShardedLoader:
                 self.consumed += self.global_batch
                 return collate(group[self.rank * self.batch_size: (self.rank + 1) * self.batch_size])
             if self.consumed == 0:  # a whole epoch without one global batch would loop forever
-                raise UserError(f"an epoch has {len(group)} sequences but one global batch needs "
-                                f"batch size {self.batch_size} x {self.world_size} ranks = {self.global_batch}; "
-                                "lower the batch size or add data")
+                raise UserError(f"an epoch has {len(group)} sequences but one global batch needs batch size "
+                                f"{self.batch_size} x {self.world_size} ranks = {self.global_batch}; lower "
+                                "the batch size or add data")
             self.epoch, self.consumed, self._sequences = self.epoch + 1, 0, None
 
     def state_dict(self) -> dict[str, Any]:
@@ -146,6 +152,6 @@ class ShardedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved cursor; the next batch is the one an uninterrupted run would yield."""
         if state["source"] != self.source.fingerprint():
-            raise UserError(f"the data loader state in the checkpoint was saved for {state['source']} but this "
-                            f"run reads {self.source.fingerprint()}; resume with the same data and seed")
+            raise UserError(f"the data loader state in the checkpoint was saved for {state['source']} but "
+                            f"this run reads {self.source.fingerprint()}; resume with the same data and seed")
         self.epoch, self.consumed, self._sequences = state["epoch"], state["consumed"], None

@@ -42,7 +42,8 @@ def tokenize_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) ->
     eos = eos_id(tokenizer)
     for batch in chunked(texts, DOCS_PER_CALL):
         # verbose=False: documents longer than model_max_length are fine here, packing cuts them.
-        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        ids = encoded["input_ids"]
         yield np.concatenate([np.asarray(doc + [eos], dtype=np.int32) for doc in ids])
 
 
@@ -54,8 +55,8 @@ def pack_windows(chunks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndar
         total += chunk.size
         buffer = np.concatenate([buffer, chunk])
         count = (buffer.size - 1) // seq_len
-        for i in range(count):
-            yield buffer[i * seq_len: i * seq_len + seq_len + 1]
+        for i in range(count):  # copies: a view would keep the whole chunk alive in a shuffle buffer
+            yield buffer[i * seq_len: i * seq_len + seq_len + 1].copy()
         buffer = buffer[count * seq_len:]  # keeps the overlap token: the next window's first input
     if total < seq_len + 1:
         raise too_small(total, seq_len)
