@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from rwkvinside.errors import UserError
 
 STAGES = (1, 2, 3)
 TRAINABLE = ("mixers", "all_but_mlp", "all")
+BUDGETS = ("max_steps", "max_tokens", "max_time")
 
 
 @dataclass
@@ -59,7 +61,9 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """Optimisation and budget of one stage. A budget of 0 means unlimited; at least one is set."""
+    """Optimisation and budget of one stage. A budget of 0 means unlimited; at least one is set, and
+    the stage ends at the first one reached. A stage section naming any budget key replaces the
+    stage's default budget (its other budget keys default to 0)."""
 
     lr: float = 1e-3  # peak learning rate, reached after warm-up
     lr_final: float = 1e-5  # reached at the end of the budget by cosine decay
@@ -214,16 +218,15 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # YAML reads 1e6 as a float
+        number = _exponent_number(value)
+        if isinstance(number, float) and number.is_integer():
+            return int(number)  # 1e6: YAML reads it as a string (1e6) or a float (1.0e6)
         raise UserError(f"config key '{key}' must be an integer, not {value!r}")
     if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = _exponent_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"config key '{key}' must be a finite number, not {value!r}")
             return float(value)
         raise UserError(f"config key '{key}' must be a number, not {value!r}")
     if annotation is str:
@@ -231,6 +234,25 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise UserError(f"config key '{key}' must be a string, not {value!r}")
     raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _exponent_number(value: Any) -> Any:
+    """YAML 1.1 reads 5e-5 and 1e6 (no dot) as strings: those as floats, anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _stage_section(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A stage section over that stage's own defaults. A section that names any budget sets the
+    whole budget: `stage1.max_tokens=1e8` alone must not also stop at the default max_steps."""
+    defaults = dataclasses.asdict(STAGE_SECTIONS[name]())
+    if any(key in given for key in BUDGETS):
+        defaults |= {key: 0 for key in BUDGETS}
+    return {**defaults, **given}
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = ""):
@@ -243,9 +265,11 @@ def build(cls: type, values: dict[str, Any], prefix: str = ""):
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        if value is None and dataclasses.is_dataclass(hints[key]):
+            value = {}  # an empty section (every key commented out): all defaults
         if cls is Config and key in STAGE_SECTIONS and isinstance(value, dict):
             # a stage section starts from that stage's own defaults, not StageConfig's
-            value = {**dataclasses.asdict(STAGE_SECTIONS[key]()), **value}
+            value = _stage_section(key, value)
         kwargs[key] = _check_value(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -268,7 +292,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def set_path(tree: dict, path: list[str], value: Any) -> None:
     for name in path[:-1]:
-        node = tree.setdefault(name, {})
+        if tree.get(name) is None:  # absent, or an empty section in the YAML file
+            tree[name] = {}
+        node = tree[name]
         if not isinstance(node, dict):
             raise UserError(f"config key '{name}' is a value, not a section; cannot set '{'.'.join(path)}'")
         tree = node

@@ -100,10 +100,11 @@ class PlainEngine(Engine):
     def backward(self, loss: Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def optimizer_step(self) -> float:
-        """Clip, step and zero the gradients; returns the gradient norm before clipping."""
+    def optimizer_step(self, skip: bool = False) -> float:
+        """Clip, step and zero the gradients; returns the gradient norm before clipping. With `skip`
+        (a non-finite loss in this step) neither the weights nor the optimizer state change."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        if torch.isfinite(norm):  # a non-finite gradient never reaches the weights
+        if torch.isfinite(norm) and not skip:  # a non-finite gradient never reaches the weights
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -156,8 +157,9 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss)
         self.engine.step()
 
-    def optimizer_step(self) -> float:
-        """The optimizer already stepped in the boundary micro-batch's backward(); report the norm."""
+    def optimizer_step(self, skip: bool = False) -> float:
+        """The optimizer already stepped in the boundary micro-batch's backward() (for a skipped
+        step with learning rate and weight decay 0, see Trainer.step); report the norm."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -121,7 +121,7 @@ class Trainer:
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[key] = sums.get(key, 0) + value.float() / self.train.grad_accum
             tokens += out.tokens
-        grad_norm = self.engine.optimizer_step()
+        grad_norm = self.engine.optimizer_step(skip=bad)
         record = self._reduce_mean(sums)
         record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm)
         record["tokens_in_step"] = int(self.engine.all_reduce_sum(tokens))

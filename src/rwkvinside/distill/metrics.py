@@ -15,7 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 class RunLog:
-    """One record per optimizer step to `log.jsonl` (and TensorBoard), and a progress bar."""
+    """One record per optimizer step to `log.jsonl` (and TensorBoard), and a progress bar.
+
+    `initial_step` is the step training (re)starts from: records of later steps, written before an
+    interruption by steps that the restored checkpoint does not hold, are dropped, so the log holds
+    each step once, as the resumed run computed it.
+    """
 
     def __init__(self, folder: Path | None, tag: str, total: int | None, progress: bool, tensorboard: bool,
                  initial_step: int = 0):
@@ -27,12 +32,13 @@ class RunLog:
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        truncate_log(folder / "log.jsonl", initial_step)
         self.file = (folder / "log.jsonl").open("a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(folder / "tensorboard"))
+                self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=initial_step + 1)
             except ImportError:
                 logger.warning("tensorboard is not installed; scalars go to log.jsonl only")
         if progress:
@@ -69,6 +75,22 @@ class RunLog:
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the records of steps up to `last_step` (an interrupted line is dropped too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

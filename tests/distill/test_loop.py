@@ -1,0 +1,266 @@
+"""The training loop: schedule, budgets, gradient accumulation, non-finite losses, token counting."""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from rwkvinside.config import StageConfig, TrainConfig
+from rwkvinside.distill import loop
+from rwkvinside.distill.engine import PlainEngine
+from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, schedule
+from rwkvinside.distill.metrics import RunLog, read_log
+from rwkvinside.distill.stages import STAGES, Stage, StepLoss
+from rwkvinside.errors import UserError
+from rwkvinside.modeling.hybrid import HybridModel
+
+from .conftest import tiny_teacher
+
+CPU = torch.device("cpu")
+
+
+# ---- a regression "model" and a stage around it -------------------------------------------------
+
+def regression_batches(batch_size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(batch_size, 4, generator=generator)
+        yield {"x": x, "y": x.sum(dim=1, keepdim=True)}
+
+
+def regression_step(model, teacher, batch, stage, loss_chunk) -> StepLoss:
+    loss = (model(batch["x"]) - batch["y"]).pow(2).mean()
+    return StepLoss(loss, {"mse": loss.detach()}, torch.tensor(batch["x"].shape[0]))
+
+
+def nan_on(calls: set[int], step=regression_step):
+    """A stage step whose loss is NaN on the chosen calls (1-based: micro-batches, in order)."""
+    count = 0
+
+    def step_with_nan(*args) -> StepLoss:
+        nonlocal count
+        count += 1
+        out = step(*args)
+        return StepLoss(out.loss * float("nan"), out.metrics, out.tokens) if count in calls else out
+
+    return step_with_nan
+
+
+class SnapshotLog(RunLog):
+    """A RunLog that also keeps a copy of the model's weights after every step."""
+
+    def __init__(self, folder, model):
+        super().__init__(folder, "test", None, progress=False, tensorboard=False)
+        self.model = model
+        self.weights = {0: copy.deepcopy(model.state_dict())}
+
+    def write(self, record, remaining_s):
+        super().write(record, remaining_s)
+        self.weights[record["step"]] = copy.deepcopy(self.model.state_dict())
+
+
+def make_trainer(tmp_path, model, batches, step=regression_step, stage_config=None, **train) -> Trainer:
+    stage_config = stage_config or StageConfig(lr=0.05, lr_final=0.005, warmup_steps=2, max_steps=6,
+                                               weight_decay=0.1)
+    train_config = TrainConfig(**train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = PlainEngine(model, params, train_config, CPU)
+    stage = Stage(1, "test", "text", aligns=False, needs_teacher=False, step=step)
+    return Trainer(stage, stage_config, train_config, model, None, batches, engine, params, tmp_path,
+                   SnapshotLog(tmp_path, model), save_every=0, keep_last=1)
+
+
+def regression_trainer(tmp_path, step=regression_step, stage_config=None, batch_size=4, **train) -> Trainer:
+    torch.manual_seed(0)
+    return make_trainer(tmp_path, nn.Linear(4, 1), regression_batches(batch_size), step, stage_config, **train)
+
+
+def run(trainer: Trainer) -> tuple[Progress, list[dict]]:
+    try:
+        progress = trainer.run(Progress())
+    finally:
+        trainer.log.close()
+    return progress, read_log(trainer.folder / "log.jsonl")
+
+
+# ---- schedule ---------------------------------------------------------------------------------
+
+STAGE = dict(lr=1e-3, lr_final=1e-5, warmup_steps=4)
+BUDGETS = {
+    "steps": (dict(max_steps=100), lambda f: Progress(step=int(100 * f))),
+    "tokens": (dict(max_tokens=50_000), lambda f: Progress(step=10 + int(f * 40), tokens=int(50_000 * f))),
+    "time": (dict(max_time=600.0), lambda f: Progress(step=10 + int(f * 40), elapsed=600.0 * f)),
+}
+
+
+@pytest.mark.parametrize("budget", sorted(BUDGETS))
+def test_warm_up_then_cosine_to_lr_final_at_the_end_of_the_budget(budget):
+    settings, at = BUDGETS[budget]
+    stage = StageConfig(**STAGE, **settings)
+    warm = [schedule(Progress(step=s), stage)[0] for s in range(4)]
+    assert warm == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear, reaching lr on the last warm-up step
+    fractions = [0.2, 0.35, 0.5, 0.75, 0.9, 0.99, 1.0]
+    lrs = [schedule(at(f), stage)[0] for f in fractions]
+    for f, lr in zip(fractions, lrs):
+        assert lr == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * f)))
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(1e-5)  # lr_final, exactly at the end of the budget
+    assert schedule(at(1.5), stage)[0] == pytest.approx(1e-5)  # never below it
+
+
+def test_the_first_budget_reached_ends_the_stage():
+    stage = StageConfig(max_steps=10, max_tokens=1000, max_time=60.0)
+    assert budget_fraction(Progress(step=5, tokens=900, elapsed=1.0), stage) == pytest.approx(0.9)
+    assert budget_fraction(Progress(step=2, tokens=10, elapsed=61.0), stage) == 1.0
+
+
+def test_weight_decay_moves_linearly_and_spares_vectors(tmp_path):
+    stage = StageConfig(max_steps=10, weight_decay=0.1, weight_decay_final=0.02)
+    assert [schedule(Progress(step=s), stage)[1] for s in (0, 5, 10)] == pytest.approx([0.1, 0.06, 0.02])
+    trainer = regression_trainer(tmp_path)
+    trainer.engine.set_schedule(1e-3, 0.06)
+    decays = {tuple(p.shape): group["weight_decay"] for group in trainer.engine.optimizer.param_groups
+              for p in group["params"]}
+    assert decays == {(1, 4): 0.06, (1,): 0.0}  # the matrix decays, the bias does not
+
+
+def test_the_trainer_follows_the_schedule_to_the_end_of_the_budget(tmp_path):
+    stage = StageConfig(lr=0.01, lr_final=0.001, warmup_steps=3, max_steps=20,
+                        weight_decay=0.2, weight_decay_final=0.0)
+    progress, records = run(regression_trainer(tmp_path, stage_config=stage))
+    assert progress.step == 20 and [r["step"] for r in records] == list(range(1, 21))
+    for r in records:
+        assert (r["lr"], r["weight_decay"]) == pytest.approx(schedule(Progress(step=r["step"] - 1), stage))
+    lrs = [r["lr"] for r in records]
+    assert lrs[2] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[-1] - 0.001 < 0.01 * (0.01 - 0.001)  # decayed to lr_final, not stuck near the peak
+    assert records[-1]["weight_decay"] == pytest.approx(0.2 / 20)
+
+
+def test_a_token_budget_stops_the_trainer(tmp_path):
+    stage = StageConfig(lr=0.01, lr_final=0.001, warmup_steps=1, max_tokens=40)
+    progress, records = run(regression_trainer(tmp_path, stage_config=stage, batch_size=3, grad_accum=2))
+    assert [r["tokens"] for r in records] == [6, 12, 18, 24, 30, 36, 42]
+    assert progress.tokens == 42 and progress.step == 7
+
+
+def test_a_time_budget_stops_the_trainer(tmp_path, monkeypatch):
+    clock = iter(range(0, 1000, 5))  # every reading 5 s later: each step takes 5 s
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    stage = StageConfig(lr=0.01, lr_final=0.001, warmup_steps=1, max_time=22.0)
+    progress, records = run(regression_trainer(tmp_path, stage_config=stage))
+    assert [r["elapsed_s"] for r in records] == [5.0, 10.0, 15.0, 20.0, 25.0]
+    assert records[-1]["lr"] == pytest.approx(schedule(Progress(step=4, elapsed=20.0), stage)[0])
+
+
+# ---- gradient accumulation ------------------------------------------------------------------------
+
+def token_batches(batch_size: int, seq_len: int = 16, sequences: int = 24):
+    """The same fixed sequences in the same order, cut into batches of `batch_size`."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 320, (sequences, seq_len + 1), generator=generator)
+    for start in range(0, sequences, batch_size):
+        chunk = ids[start:start + batch_size]
+        yield {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:],
+               "attention_mask": torch.ones(len(chunk), seq_len, dtype=torch.long)}
+
+
+def hybrid(align: bool) -> HybridModel:
+    torch.manual_seed(0)
+    return HybridModel(tiny_teacher(), align=align)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=3)
+    results = []
+    for name, batch_size, grad_accum in (("big", 4, 1), ("accumulated", 2, 2)):
+        model = hybrid(align=True)
+        trainer = make_trainer(tmp_path / name, model, token_batches(batch_size), STAGES[1].step, stage,
+                               grad_accum=grad_accum)
+        _, records = run(trainer)
+        trained = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        results.append((records, trained))
+    (big, big_weights), (accumulated, accumulated_weights) = results
+    for a, b in zip(big, accumulated):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["tokens"] == b["tokens"]
+    assert big[0]["loss"] != pytest.approx(big[-1]["loss"], rel=1e-6)  # the weights did move
+    for name, weight in big_weights.items():
+        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---- non-finite losses ----------------------------------------------------------------------------
+
+def test_a_nan_loss_skips_the_step_without_touching_weights_or_optimizer(tmp_path):
+    trainer = regression_trainer(tmp_path, step=nan_on({3}))
+    optimizer_state = {}
+
+    def after_step(skip=False, original=trainer.engine.optimizer_step):
+        norm = original(skip)
+        optimizer_state[len(optimizer_state) + 1] = copy.deepcopy(trainer.engine.optimizer.state_dict()["state"])
+        return norm
+
+    trainer.engine.optimizer_step = after_step
+    progress, records = run(trainer)
+    weights = trainer.log.weights
+    assert progress.step == 6 and progress.bad_steps == 0
+    assert math.isnan(records[2]["loss"])
+    for name in weights[2]:
+        assert torch.equal(weights[3][name], weights[2][name]), name
+        assert not torch.equal(weights[4][name], weights[3][name]), name  # training goes on
+    assert all(torch.equal(optimizer_state[3][i][key], optimizer_state[2][i][key])
+               for i in optimizer_state[2] for key in optimizer_state[2][i])
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
+
+
+def test_a_nan_in_one_micro_batch_skips_the_whole_step(tmp_path):
+    trainer = regression_trainer(tmp_path, step=nan_on({4}), grad_accum=2)  # step 2's second micro-batch
+    progress, _ = run(trainer)
+    weights = trainer.log.weights
+    assert all(torch.equal(weights[2][name], weights[1][name]) for name in weights[1])
+    assert not all(torch.equal(weights[3][name], weights[2][name]) for name in weights[2])
+    assert progress.step == 6
+
+
+def test_max_bad_steps_in_a_row_stop_the_run(tmp_path):
+    trainer = regression_trainer(tmp_path, step=nan_on({2, 3, 4}), max_bad_steps=3)
+    with pytest.raises(UserError, match=r"NaN/inf for 3 steps in a row .*step 4"):
+        run(trainer)
+    weights = trainer.log.weights
+    assert all(torch.equal(weights[3][name], weights[1][name]) for name in weights[1])
+
+
+def test_bad_steps_that_are_not_in_a_row_do_not_stop_the_run(tmp_path):
+    progress, records = run(regression_trainer(tmp_path, step=nan_on({2, 4, 6}), max_bad_steps=2))
+    assert progress.step == 6 and len(records) == 6
+
+
+# ---- token counting -------------------------------------------------------------------------------
+
+def padded_batches(seq_len: int = 12):
+    """Right-padded batches of sequence lengths (12, 7), then (5, 9); like SFT, the first two positions
+    and the last real one have no target: length - 3 targets per sequence."""
+    generator = torch.Generator().manual_seed(1)
+    for lengths in ((12, 7), (5, 9)) * 10:
+        ids = torch.randint(3, 320, (2, seq_len), generator=generator)
+        mask = torch.zeros(2, seq_len, dtype=torch.long)
+        labels = torch.full((2, seq_len), -100)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = 1
+            labels[row, 2:length - 1] = ids[row, 3:length]
+        yield {"input_ids": ids.masked_fill(mask == 0, 0), "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("number, per_step", [(1, [19, 14]), (3, [13, 8])])
+def test_padding_never_counts_as_trained_tokens(tmp_path, number, per_step):
+    """Stage 1 trains every real position (attention_mask); stage 3 every target (labels != -100)."""
+    stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=4, trainable="mixers")
+    trainer = make_trainer(tmp_path, hybrid(align=number == 1), padded_batches(), STAGES[number].step, stage)
+    progress, records = run(trainer)
+    assert [r["tokens_in_step"] for r in records] == per_step * 2
+    assert progress.tokens == sum(per_step) * 2 == records[-1]["tokens"]
