@@ -83,7 +83,7 @@ class HeadRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: [..., H, N]
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # float32 at least; float64 stays
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
