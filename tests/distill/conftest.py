@@ -1,6 +1,7 @@
 """Fixtures of the distillation tests: a tiny Llama teacher, saved once per session as an HF folder."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,45 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SEQ_LEN, BATCH, STEPS = 32, 2, 3
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare did."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again."},
+     {"role": "assistant", "content": "Hello again!"}],
+    [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}],
+    [{"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps over the dog."}],
+]
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory, teacher_folder) -> dict[str, Path]:
+    """A teacher folder, a text corpus, a chat file and a config file with quick settings."""
+    folder = tmp_path_factory.mktemp("inputs")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(ROOT.TRAINING_TEXT * 3), encoding="utf-8")
+    chat = folder / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS), encoding="utf-8")
+    config = folder / "quick.yaml"
+    config.write_text(f"data:\n  eval: ['{corpus}']\n  eval_tokens: 64\nlog:\n  progress: false\n"
+                      "stage1:\n  warmup_steps: 1\nstage2:\n  warmup_steps: 1\nstage3:\n  warmup_steps: 1\n",
+                      encoding="utf-8")
+    return {"teacher": teacher_folder, "corpus": corpus, "chat": chat, "config": config}
+
+
+def distill_args(inputs, output: Path | None, *extra: str, steps: int = STEPS) -> list[str]:
+    args = ["distill", "--config", str(inputs["config"]), "--teacher", str(inputs["teacher"]),
+            "--data", str(inputs["corpus"]), "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH),
+            "--max-steps", str(steps)]
+    return args + (["--output", str(output)] if output is not None else []) + list(extra)
+
+
+def error_line(capsys) -> str:
+    """The one error line on stderr (progress bars may precede it; a traceback may not)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("rwkvinside: error:")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -65,7 +65,7 @@ def save_checkpoint(stage_folder: Path, step: int, engine, trainable: dict[str, 
         engine.barrier()
         engine.save(tmp, trainable)
         if engine.is_main:
-            torch.save({**client_state, "rng": rng_state()}, tmp / "client_state.pt")
+            save_torch({**client_state, "rng": rng_state()}, tmp / "client_state.pt")
         engine.barrier()
         if engine.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -73,11 +73,36 @@ def save_checkpoint(stage_folder: Path, step: int, engine, trainable: dict[str, 
             for old in checkpoints(stage_folder)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         engine.barrier()
-    except OSError as error:
+    except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not save the checkpoint {final} ({error.strerror or error}); free disk space "
+        reason = write_failure(error)
+        if reason is None:
+            raise
+        raise UserError(f"could not save the checkpoint {final} ({reason}); free disk space "
                         "and resume with --resume: the previous checkpoints are intact") from None
     return final
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a failed write (a full disk) then keeps its OSError as the
+    context of torch's RuntimeError, which a path given to torch.save loses."""
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, when it was the file system (full disk, permissions); None for other errors.
+
+    A full disk shows as an OSError, as a RuntimeError of torch.save with the OSError as its context,
+    or as a SafetensorError with the system's message in its text."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    if type(error).__name__ == "SafetensorError" and "I/O error" in str(error):
+        return str(error).split("I/O error:", 1)[1].strip()
+    return None
 
 
 def load_checkpoint(folder: Path, engine, model: torch.nn.Module) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rwkvinside.config import EngineConfig, TrainConfig
+from rwkvinside.distill.checkpoint import save_torch
 from rwkvinside.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,6 @@ class Engine:
     def barrier(self) -> None:
         pass
 
-    def close(self) -> None:
-        pass
-
 
 class PlainEngine(Engine):
     """One process: torch AdamW, accumulation by loss scaling, global-norm clipping."""
@@ -116,7 +114,7 @@ class PlainEngine(Engine):
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, folder / "trainable.safetensors")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load(self, folder: Path, model: nn.Module) -> None:
         from safetensors.torch import load_file
@@ -150,17 +148,26 @@ class DeepSpeedEngine(Engine):
         optimizer = make_optimizer(params, device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, model_parameters=None)
+        self.params = params
+        self._norm: float | None = None  # measured here where DeepSpeed does not report it (ZeRO 0)
 
     def backward(self, loss: Tensor) -> None:
         # DeepSpeed scales by the accumulation steps itself, and its step() must follow every
         # micro-batch's backward: it steps the optimizer only at the accumulation boundary.
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
+        if boundary and self.engine.zero_optimization_stage() == 0:
+            # the gradients are averaged over the ranks now, and step() clears them
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self._norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
 
     def optimizer_step(self, skip: bool = False) -> float:
         """The optimizer already stepped in the boundary micro-batch's backward() (for a skipped
         step with learning rate and weight decay 0, see Trainer.step); report the norm."""
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._norm
         return float(norm) if norm is not None else float("nan")
 
     def all_reduce_sum(self, value: Tensor) -> Tensor:
@@ -179,10 +186,13 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise UserError(f"no DeepSpeed state in {folder}; it was written by another engine")
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+
+def leave_process_group() -> None:
+    """At the end of a run, also after an error: a process that exits without destroying its process
+    group may abort. Once per process: the group serves every stage (a second init_process_group
+    under the same launch fails to connect). No barrier: after an error the other ranks may never arrive."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def deepspeed_config(train: TrainConfig, engine: EngineConfig, dtype: torch.dtype) -> dict[str, Any]:

@@ -29,18 +29,18 @@ from torch import nn
 
 from rwkvinside.config import Config, load_config, save_config
 from rwkvinside.data import DataConfig as LoaderConfig
-from rwkvinside.data import build_train_loader, heldout_batches
+from rwkvinside.data import build_train_loader, heldout_batches, resolve_sources
 from rwkvinside.distill.checkpoint import checkpoints, load_checkpoint
-from rwkvinside.distill.engine import (DeepSpeedEngine, PlainEngine, launched_world, resolve_device,
-                                       resolve_dtype)
+from rwkvinside.distill.engine import (DeepSpeedEngine, PlainEngine, launched_world, leave_process_group,
+                                       resolve_device, resolve_dtype)
 from rwkvinside.distill.loop import Progress, Trainer
 from rwkvinside.distill.metrics import RunLog, plot_alignment, read_log
 from rwkvinside.distill.stages import STAGES, Stage
 from rwkvinside.errors import UserError
 from rwkvinside.evaluation.perplexity import perplexity, teacher_hidden_fn
 from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
-from rwkvinside.modeling.loading import load_teacher
-from rwkvinside.modeling.student import load_student, save_student
+from rwkvinside.modeling.loading import load_teacher, resolve_teacher
+from rwkvinside.modeling.student import load_student, read_metadata, save_student
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def new_run_folder(root: Path = Path("runs")) -> Path:
     return folder
 
 
-def prepare_output(output: str | None, resume: bool, overwrite: bool, world_size: int) -> Path:
+def prepare_output(output: str | None, resume: bool, overwrite: bool, rank: int, world_size: int) -> Path:
+    """The run folder, checked but not yet touched (an --overwrite replaces it only once the
+    configuration and the inputs are known to be valid)."""
     if output is None:
         if resume:
             raise UserError("--resume needs --output: the folder of the run to continue")
@@ -84,12 +86,9 @@ def prepare_output(output: str | None, resume: bool, overwrite: bool, world_size
     if resume:
         if not (folder / "run.json").is_file():
             raise UserError(f"--resume: '{folder}' holds no run to continue (no run.json); check --output")
-    elif holds_run:
-        if not overwrite:
-            raise UserError(f"output folder '{folder}' already holds files; pass --resume to continue that run, "
-                            "--overwrite to replace it, or choose another --output")
-        if launched_world()[0] == 0:
-            shutil.rmtree(folder)
+    elif holds_run and not overwrite and rank == 0:  # other ranks may already see rank 0's files
+        raise UserError(f"output folder '{folder}' already holds files; pass --resume to continue that run, "
+                        "--overwrite to replace it, or choose another --output")
     elif folder.exists() and not folder.is_dir():
         raise UserError(f"--output '{folder}' is a file; give a folder")
     return folder
@@ -128,11 +127,36 @@ class Teachers:
         return model.to(device or self.device)
 
 
-def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: int):
+def stage_data(stage: Stage, config: Config) -> list[str]:
     paths = config.data.chat if stage.data == "chat" else config.data.train
     if not paths:
         flag = "data.chat=PATH (chat JSONL/Parquet with `messages`)" if stage.data == "chat" else "--data PATH"
         raise UserError(f"stage {stage.number} ({stage.name}) has no training data; give {flag}")
+    return paths
+
+
+def check_inputs(config: Config, plan: RunPlan) -> None:
+    """Fail on a wrong plan or a missing teacher, data path or --init-from folder before anything is
+    written or loaded."""
+    first = plan.stages[0]
+    if plan.init_from is not None and first == 1:
+        raise UserError("--init-from applies to stages 2 and 3; stage 1 starts from the teacher")
+    if plan.init_from is None and first != 1:
+        raise UserError(f"stage {first} starts from a student: give --init-from with the "
+                        "output of the previous stage (e.g. runs/<run>/stage1/student)")
+    stages = [STAGES[number] for number in plan.stages]
+    if any(stage.aligns or stage.needs_teacher for stage in stages):
+        resolve_teacher(config.teacher.source)
+    for stage in stages:
+        resolve_sources(stage_data(stage, config))
+    if config.data.eval and config.data.eval_tokens:
+        resolve_sources(config.data.eval)
+    if plan.init_from is not None:
+        read_metadata(Path(plan.init_from))
+
+
+def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: int):
+    paths = stage_data(stage, config)
     loader_config = LoaderConfig(paths=list(paths), seq_len=config.data.seq_len, batch_size=config.train.batch_size,
                                  seed=config.data.seed, streaming=config.data.streaming,
                                  shuffle_buffer=config.data.shuffle_buffer)
@@ -164,11 +188,6 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         previous = Path(self.plan.init_from) if self.plan.init_from else None
-        if previous is not None and self.plan.stages[0] == 1:
-            raise UserError("--init-from applies to stages 2 and 3; stage 1 starts from the teacher")
-        if previous is None and self.plan.stages[0] != 1:
-            raise UserError(f"stage {self.plan.stages[0]} starts from a student: give --init-from with the "
-                            "output of the previous stage (e.g. runs/<run>/stage1/student)")
         self._baseline()
         for number in self.plan.stages:
             previous = self._stage(number, previous)
@@ -253,10 +272,10 @@ class Pipeline:
         if self.is_main:
             provenance = {"teacher": self.config.teacher.source, "stage": number, "tokens": progress.tokens,
                           "steps": progress.step, "history": self._history(previous, number, progress)}
-            save_student(model, tokenizer, student_folder, provenance)
+            # the student folder marks the stage as finished for --resume: the summary goes first
             (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            save_student(model, tokenizer, student_folder, provenance)
         engine.barrier()
-        engine.close()
         self.report["stages"][number] = summary
         return student_folder
 
@@ -311,19 +330,25 @@ def render_report(report: dict[str, Any]) -> str:
 def distill(config_path: str | None, overrides: list[str], stage: str, output: str | None, init_from: str | None,
             resume: bool, overwrite: bool) -> dict[str, Any]:
     """The `distill` command: resolve config and output folder, then run the planned stages."""
-    _, _, world_size = launched_world()
-    folder = prepare_output(output, resume, overwrite, world_size)
+    rank, _, world_size = launched_world()
+    folder = prepare_output(output, resume, overwrite, rank, world_size)
     if resume:
         config = load_config(folder / "config.yaml", overrides)
         plan = RunPlan(**json.loads((folder / "run.json").read_text(encoding="utf-8")))
     else:
         config = load_config(config_path, overrides)
         plan = RunPlan(stages=plan_stages(stage, config), init_from=init_from)
-        if launched_world()[0] == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_config(config, folder / "config.yaml")
-            (folder / "run.json").write_text(json.dumps(asdict(plan)), encoding="utf-8")
+    check_inputs(config, plan)
+    if not resume and rank == 0:
+        if overwrite and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(config, folder / "config.yaml")
+        (folder / "run.json").write_text(json.dumps(asdict(plan)), encoding="utf-8")
     started = time.monotonic()
-    report = Pipeline(config, folder, plan, resume).run()
+    try:
+        report = Pipeline(config, folder, plan, resume).run()
+    finally:
+        leave_process_group()
     report["wall_time_s"] = time.monotonic() - started
     return report
