@@ -26,7 +26,7 @@ STEPS, SAVE_EVERY = 8, 2
 STAGE1 = ("--stage", "1", "--save-every", str(SAVE_EVERY))
 
 # The command in a process of its own, on one thread like the tests' reference run, each step held
-# back 0.4 s so that the test can kill it between two checkpoints.
+# back 0.5 s so that the test can kill it between two checkpoints.
 SLOW_RUNNER = """
 import sys, time
 import torch
@@ -35,7 +35,7 @@ from rwkvinside.distill import loop
 
 torch.set_num_threads(1)
 step = loop.Trainer.step
-loop.Trainer.step = lambda self, progress: (time.sleep(0.4), step(self, progress))[1]
+loop.Trainer.step = lambda self, progress: (time.sleep(0.5), step(self, progress))[1]
 sys.exit(cli.main(sys.argv[1:]))
 """
 
