@@ -6,11 +6,15 @@ Problems a user can fix end as one line on stderr and exit status 2, never a tra
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from rwkvinside.errors import UserError
+from rwkvinside.evaluation.cli import add_eval
+from rwkvinside.export.cli import add_export
+from rwkvinside.generation.cli import add_chat, add_generate
 
 logger = logging.getLogger("rwkvinside")
 
@@ -46,38 +50,39 @@ def add_distill(commands) -> None:
 
 
 def distill_overrides(args: argparse.Namespace) -> list[str]:
-    """The dedicated flags as KEY=VALUE overrides, applied after the positional ones."""
+    """The dedicated flags as KEY=VALUE overrides, applied after the positional ones (flags win).
+
+    Paths travel as JSON strings, which YAML reads back verbatim: a folder named `2024` or `null`
+    stays a path. A budget flag replaces every stage's budget rather than adding a second limit."""
     overrides = list(args.overrides)
-    stages = ("stage1", "stage2", "stage3")
     if args.teacher:
-        overrides.append(f"teacher.source={args.teacher}")
+        overrides.append(f"teacher.source={json.dumps(args.teacher)}")
     if args.data:
-        overrides.append("data.train=[" + ", ".join(repr(p) for p in args.data) + "]")
+        overrides.append(f"data.train={json.dumps(args.data)}")
     if args.seq_len is not None:
         overrides.append(f"data.seq_len={args.seq_len}")
     if args.batch_size is not None:
         overrides.append(f"train.batch_size={args.batch_size}")
     if args.save_every is not None:
         overrides.append(f"checkpoint.save_every={args.save_every}")
-    for flag, key in ((args.max_steps, "max_steps"), (args.max_tokens, "max_tokens")):
-        if flag is not None:
-            overrides += [f"{stage}.{key}={flag}" for stage in stages]
+    if args.max_steps is not None or args.max_tokens is not None:
+        budget = {"max_steps": args.max_steps or 0, "max_tokens": args.max_tokens or 0, "max_time": 0}
+        overrides += [f"stage{n}.{key}={value}" for n in (1, 2, 3) for key, value in budget.items()]
     return overrides
 
 
 def run_distill(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
-    from rwkvinside.distill.pipeline import distill
+    from rwkvinside.distill.pipeline import distill, render_report
 
     config = args.config
     if config is None and not args.resume:
         config = str(files("rwkvinside").joinpath("configs/demo.yaml"))
     report = distill(config, distill_overrides(args), args.stage, args.output, args.init_from, args.resume,
                      args.overwrite)
-    from rwkvinside.distill.pipeline import render_report
-
-    print(render_report(report))
+    if report is not None:  # the main process's report; other ranks return None
+        print(render_report(report))
     return 0
 
 
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable] = [add_distill]
+COMMANDS: list[Callable] = [add_distill, add_export, add_generate, add_chat, add_eval]
 
 
 def setup_logging(quiet: bool) -> None:
@@ -100,6 +105,10 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if level > logging.INFO:  # -q, or a rank other than 0: no progress bars either
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -328,8 +328,9 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 def distill(config_path: str | None, overrides: list[str], stage: str, output: str | None, init_from: str | None,
-            resume: bool, overwrite: bool) -> dict[str, Any]:
-    """The `distill` command: resolve config and output folder, then run the planned stages."""
+            resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The `distill` command: resolve config and output folder, then run the planned stages.
+    Returns the report on the main process, None on the others."""
     rank, _, world_size = launched_world()
     folder = prepare_output(output, resume, overwrite, rank, world_size)
     if resume:
@@ -351,4 +352,4 @@ def distill(config_path: str | None, overrides: list[str], stage: str, output: s
     finally:
         leave_process_group()
     report["wall_time_s"] = time.monotonic() - started
-    return report
+    return report if rank == 0 else None
