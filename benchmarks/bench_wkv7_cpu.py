@@ -6,14 +6,16 @@
 
 "forward" is the forward half of a training step (inputs require grad, so autograd records the
 graph); "fwd+bwd" adds the backward pass from random upstream gradients for the output and the
-final state. Each figure is the median over --repeats runs after one warm-up run, with fresh
-RWKV-7-shaped inputs every run. Prints a Markdown table and the speed-ups over the reference.
+final state. Each run gets fresh RWKV-7-shaped inputs; figures are the median (and the minimum)
+over --repeats runs after one warm-up run. Prints Markdown tables and the speed-ups over the
+reference, with the load average, since on a shared machine other processes move the medians.
 
 --short instead times a few steps without autograd (decoding, short prefill) at B=1 and B=16,
 which is where the dispatcher's NAIVE_MAX_LEN comes from.
 """
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from rwkvinside.ops.wkv7 import wkv7_chunk, wkv7_naive
+from rwkvinside.ops.wkv7.chunk import CHUNK_SIZE
 
 
 def rwkv7_inputs(batch: int, seq_len: int, heads: int, head_dim: int, seed: int) -> list[torch.Tensor]:
@@ -35,8 +38,10 @@ def rwkv7_inputs(batch: int, seq_len: int, heads: int, head_dim: int, seed: int)
     return [r, w, k, v, -kappa, kappa * iclr, state]
 
 
-def time_ms(op: Callable, shape: tuple[int, int, int, int], repeats: int, backward: bool) -> float:
-    """Median wall time in ms of op(r, w, k, v, a, b, initial_state) over `repeats` runs."""
+def time_ms(
+    op: Callable, shape: tuple[int, int, int, int], repeats: int, backward: bool
+) -> tuple[float, float]:
+    """(median, min) wall time in ms of op(r, w, k, v, a, b, initial_state) over `repeats` runs."""
     batch, seq_len, heads, head_dim = shape
     times = []
     for run in range(repeats + 1):  # run 0 warms up
@@ -47,8 +52,8 @@ def time_ms(op: Callable, shape: tuple[int, int, int, int], repeats: int, backwa
         o, state = op(*inputs)
         if backward:
             torch.autograd.backward((o, state), (grad_o, grad_state))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[1:])
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times[1:]), min(times[1:])
 
 
 def naive(r, w, k, v, a, b, state):
@@ -64,43 +69,54 @@ def chunked(chunk_size: int) -> Callable:
     return op
 
 
+def conditions(args: argparse.Namespace) -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{torch.get_num_threads()} threads, median (min) of {args.repeats} runs, load average {load}"
+
+
 def training_table(args: argparse.Namespace) -> None:
     """Forward and forward+backward at the training shape, naive against each chunk size."""
     shape = (args.batch, args.seq_len, args.heads, args.head_dim)
+    print(f"B={args.batch}, T={args.seq_len}, H={args.heads}, N={args.head_dim}, float32")
+    print(f"{conditions(args)}\n")
     paths = {"naive": naive} | {f"chunk {size}": chunked(size) for size in args.chunk_sizes}
     results = {
         name: (time_ms(op, shape, args.repeats, False), time_ms(op, shape, args.repeats, True))
         for name, op in paths.items()
     }
-    naive_fwd, naive_both = results["naive"]
-    print(
-        f"B={args.batch}, T={args.seq_len}, H={args.heads}, N={args.head_dim}, float32, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} runs\n"
-    )
+    (naive_fwd, _), (naive_both, _) = results["naive"]
     print("| path | forward (ms) | fwd+bwd (ms) | forward speed-up | fwd+bwd speed-up |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, (fwd, both) in results.items():
-        print(f"| {name} | {fwd:.1f} | {both:.1f} | {naive_fwd / fwd:.1f}x | {naive_both / both:.1f}x |")
-    best = min((name for name in results if name != "naive"), key=lambda name: results[name][1])
+    for name, ((fwd, fwd_min), (both, both_min)) in results.items():
+        print(
+            f"| {name} | {fwd:.1f} ({fwd_min:.1f}) | {both:.1f} ({both_min:.1f}) "
+            f"| {naive_fwd / fwd:.1f}x | {naive_both / both:.1f}x |"
+        )
+    best = min((name for name in results if name != "naive"), key=lambda name: results[name][1][0])
+    (best_fwd, _), (best_both, _) = results[best]
     print(
-        f"\nFastest chunked path for fwd+bwd: {best}, {naive_fwd / results[best][0]:.1f}x the reference "
-        f"forward and {naive_both / results[best][1]:.1f}x its forward+backward."
+        f"\nFastest chunked path for fwd+bwd: {best}, {naive_fwd / best_fwd:.1f}x the reference forward "
+        f"and {naive_both / best_both:.1f}x its forward+backward (medians). Load average after: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     )
 
 
 def short_table(args: argparse.Namespace) -> None:
     """Forward without autograd for a few steps: where the step loop stops being the faster one."""
-    print(f"H={args.heads}, N={args.head_dim}, float32, no autograd, median of {args.repeats} runs\n")
+    print(f"H={args.heads}, N={args.head_dim}, float32, no autograd, chunk {CHUNK_SIZE}")
+    print(f"{conditions(args)}\n")
     print("| B | T | naive (ms) | chunk (ms) |")
     print("| ---: | ---: | ---: | ---: |")
-    chunk = chunked(min(args.chunk_sizes))
     with torch.no_grad():
         for batch in (1, 16):
             for seq_len in (1, 2, 4, 8, 16):
                 shape = (batch, seq_len, args.heads, args.head_dim)
-                naive_ms = time_ms(naive, shape, args.repeats, False)
-                chunk_ms = time_ms(chunk, shape, args.repeats, False)
-                print(f"| {batch} | {seq_len} | {naive_ms:.2f} | {chunk_ms:.2f} |")
+                naive_ms, naive_min = time_ms(naive, shape, args.repeats, False)
+                chunk_ms, chunk_min = time_ms(chunked(CHUNK_SIZE), shape, args.repeats, False)
+                print(
+                    f"| {batch} | {seq_len} | {naive_ms:.2f} ({naive_min:.2f}) "
+                    f"| {chunk_ms:.2f} ({chunk_min:.2f}) |"
+                )
 
 
 def main() -> None:
@@ -113,8 +129,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--short", action="store_true", help="time decoding-sized T instead")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.short:
         short_table(args)
     else:

@@ -8,6 +8,7 @@ The fla tests run only where CUDA and flash-linear-attention are both present.
 import importlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -252,6 +253,24 @@ def test_wkv7_names_the_mismatched_tensor(name, bad, message):
     inputs[name] = bad(inputs[name])
     with pytest.raises(ValueError, match=message):
         wkv7(*(inputs[n] for n in INPUT_NAMES), scale=1.0, initial_state=inputs["initial_state"])
+
+
+def test_fla_adapters_pass_scale_and_output_final_state(monkeypatch):
+    """fla's two functions default scale (1.0 vs 1/sqrt(K)) and output_final_state (False vs True)
+    differently, so the adapters always pass both. Checked against a stand-in fla module."""
+    calls = {}
+    fake = types.ModuleType("fla.ops.rwkv7")
+    fake.chunk_rwkv7 = lambda *args, **kwargs: calls.setdefault("chunk", kwargs)
+    fake.fused_recurrent_rwkv7 = lambda *args, **kwargs: calls.setdefault("fused_recurrent", kwargs)
+    for name, module in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "fla.ops.rwkv7", fake)
+    inputs = make_inputs(1, 3, 1, 4)
+    wkv7_fla_chunk(*(inputs[name] for name in INPUT_NAMES), **RWKV7_CHUNK_OPTIONS)
+    wkv7_fla_fused_recurrent(*(inputs[name] for name in INPUT_NAMES))
+    defaults = {"scale": 1.0, "initial_state": None, "output_final_state": False}
+    assert calls["chunk"] == defaults | RWKV7_CHUNK_OPTIONS
+    assert calls["fused_recurrent"] == defaults
 
 
 def test_importing_the_ops_does_not_import_fla():

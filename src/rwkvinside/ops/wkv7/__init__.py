@@ -18,8 +18,9 @@ from rwkvinside.ops.wkv7.fla import fla_available, wkv7_fla_chunk, wkv7_fla_fuse
 from rwkvinside.ops.wkv7.naive import wkv7_naive
 
 # Up to this many steps the step loop beats the chunked form on the CPU: a decoding step costs it
-# a handful of ops against the chunked form's few dozen (benchmarks/bench_wkv7_cpu.py --short).
-NAIVE_MAX_LEN = 4
+# a handful of ops against the chunked form's few dozen. Measured (benchmarks/bench_wkv7_cpu.py
+# --short, 2 cores): 0.3 vs 1.1 ms for one step at B=1, a tie at B=16, the chunked form ahead from 4.
+NAIVE_MAX_LEN = 2
 
 
 def wkv7(

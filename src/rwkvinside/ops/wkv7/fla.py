@@ -52,18 +52,13 @@ def wkv7_fla_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """WKV-7 by fla's chunked kernel: training and prefill. Inputs [B, T, H, K], v [B, T, H, V].
 
-    safe_gate, lower_bound and chunk_size go to `chunk_rwkv7` unchanged; the defaults (exact for
-    any w <= 0, chunk 16) are fla's. Pass **RWKV7_CHUNK_OPTIONS only when w >= -0.6065 holds.
+    safe_gate, lower_bound and chunk_size go to `chunk_rwkv7` unchanged; the defaults are fla's
+    (no bound assumed on w, chunk 16). Pass **RWKV7_CHUNK_OPTIONS only where w >= -0.6065 holds.
     """
     from fla.ops.rwkv7 import chunk_rwkv7
 
     return chunk_rwkv7(
-        r=r,
-        w=w,
-        k=k,
-        v=v,
-        a=a,
-        b=b,
+        r, w, k, v, a, b,  # fla's own order
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
@@ -88,12 +83,7 @@ def wkv7_fla_fused_recurrent(
     from fla.ops.rwkv7 import fused_recurrent_rwkv7
 
     return fused_recurrent_rwkv7(
-        r=r,
-        w=w,
-        k=k,
-        v=v,
-        a=a,
-        b=b,
+        r, w, k, v, a, b,  # fla's own order
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
