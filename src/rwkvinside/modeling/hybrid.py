@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from rwkvinside.errors import UserError
+from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentCache
 from rwkvinside.modeling.teachers import (
     AttentionGeometry,
     TeacherFamily,
@@ -84,6 +85,20 @@ class ForwardContext:
         self.v_first = None
         self.alignment_losses = {}
 
+    def follow(self, body: nn.Module) -> None:
+        """Reset at the start of every forward pass of `body` (the decoder stack), whoever calls it:
+        the hybrid model, transformers' `generate`, lm-eval."""
+        body.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+
+    def _on_forward(self, body: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The padding mask of the call's own tokens: with a cache, the 2D attention mask covers every
+        token so far ([B, past + T]) and its last T columns are this call's."""
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.reset(mask[:, -tokens.shape[1]:] if mask is not None and mask.dim() == 2 else None)
+
 
 def _cache_of(kwargs: dict):
     """The generation cache, named `cache` from transformers 5.24 on, `past_key_values` before."""
@@ -105,10 +120,10 @@ class RWKVAttention(nn.Module):
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
         context = self.context
         cache = _cache_of(kwargs)
-        states = getattr(cache, "rwkv_states", None)
+        recurrent = isinstance(cache, RecurrentCache)  # generation: carry the state across calls
         state = None
-        if states is not None:
-            state = states.get(self.layer_idx) or TimeMixerState.zeros(
+        if recurrent:
+            state = cache.rwkv_state(self.layer_idx) or TimeMixerState.zeros(
                 hidden_states.shape[0], self.mixer.config, hidden_states.device, hidden_states.dtype)
         v_first = None if self.produces_v_first else context.v_first
         if v_first is None and not self.produces_v_first:
@@ -116,8 +131,8 @@ class RWKVAttention(nn.Module):
         output, v_first, new_state = self.mixer(hidden_states, v_first, state, context.token_mask)
         if self.produces_v_first:
             context.v_first = v_first
-        if states is not None:
-            states[self.layer_idx] = new_state
+        if recurrent:
+            cache.update_rwkv_state(self.layer_idx, new_state, hidden_states.shape[1])
         return output, None
 
 
@@ -185,6 +200,16 @@ def validate_spec(spec: ConversionSpec, family: TeacherFamily, geometry: Attenti
     return spec.resolve_layers(geometry.num_layers)
 
 
+def build_students(model: nn.Module, family: TeacherFamily, geometry: AttentionGeometry,
+                   layers: tuple[int, ...], spec: ConversionSpec,
+                   context: ForwardContext) -> dict[int, RWKVAttention]:
+    """One student per converted layer, built from the teacher attention in its slot (nothing swapped)."""
+    decoder = decoder_layers(model)
+    return {i: RWKVAttention(build_mixer(attention_of(decoder[i], family), family, geometry, i, spec), i,
+                             produces_v_first=i == layers[0], context=context)
+            for i in layers}
+
+
 def check_uniform(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The teacher must sit on one device in one floating dtype: students are built to match."""
     devices = {p.device for p in model.parameters()}
@@ -221,14 +246,11 @@ class HybridModel(nn.Module):
         self.context = ForwardContext()
 
         decoder = decoder_layers(model)
-        replacements = {}
-        for i in layers:
-            teacher_attention = attention_of(decoder[i], family)
-            mixer = build_mixer(teacher_attention, family, geometry, i, spec)
-            student = RWKVAttention(mixer, i, produces_v_first=i == layers[0], context=self.context)
-            replacements[i] = AttentionWrapper(teacher_attention, student) if align else student
-        for i, module in replacements.items():  # swap only once every student is built
+        students = build_students(model, family, geometry, layers, spec, self.context)
+        for i, student in students.items():  # swap only once every student is built
+            module = AttentionWrapper(attention_of(decoder[i], family), student) if align else student
             set_attention(decoder[i], family, module)
+        self.context.follow(model.base_model)
         self.select_trainable("mixers")
 
     @property
@@ -277,12 +299,16 @@ class HybridModel(nn.Module):
         for i, student in self.students().items():
             set_attention(decoder_layers(self.model)[i], family, student)
 
-    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
+    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cached: bool = False) -> None:
+        """cached: a generation cache is passed, so the mask may also cover the tokens it has read."""
         device = self.model.get_input_embeddings().weight.device
         if input_ids.device != device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}; "
                              "move the batch to the model's device")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        if attention_mask is None or attention_mask.shape == input_ids.shape:
+            return
+        (batch, length), (mask_batch, mask_length) = input_ids.shape, attention_mask.shape
+        if not (cached and mask_batch == batch and mask_length > length):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
                              f"{tuple(input_ids.shape)}; they must match")
 
@@ -291,7 +317,6 @@ class HybridModel(nn.Module):
         if not self.aligning:
             raise RuntimeError("the teacher attentions were dropped; alignment needs them")
         self._check_inputs(input_ids, attention_mask)
-        self.context.reset(attention_mask)
         self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return dict(self.context.alignment_losses)
 
@@ -300,7 +325,6 @@ class HybridModel(nn.Module):
         apply the head a chunk of the sequence at a time so full-vocabulary logits never exist
         for the whole batch."""
         self._check_inputs(input_ids, attention_mask)
-        self.context.reset(attention_mask)
         output = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return output.last_hidden_state
 
@@ -309,8 +333,19 @@ class HybridModel(nn.Module):
         return self.model.get_output_embeddings()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
-        """The hybrid causal LM's forward (HF arguments pass through; labels are not supported:
-        losses live in rwkvinside.distill)."""
-        self._check_inputs(input_ids, attention_mask)
-        self.context.reset(attention_mask)
+        """The hybrid causal LM's forward (HF arguments pass through, a `new_cache()` too; labels are not
+        supported: losses live in rwkvinside.distill)."""
+        self._check_inputs(input_ids, attention_mask, cached=_cache_of(kwargs) is not None)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def new_cache(self) -> RecurrentCache:
+        """An empty generation cache: recurrent states for the converted layers, keys/values for the rest."""
+        return RecurrentCache(self.model.config, self.converted_layers)
+
+    def generate(self, *args, **kwargs) -> Tensor:
+        """transformers' `generate` on the hybrid model, the converted layers' states carried in a
+        `new_cache()` unless a cache is passed (as `cache`, or `past_key_values` before transformers 5.24)."""
+        kwargs.setdefault("use_cache", True)  # a student's config may say False (training)
+        if kwargs["use_cache"] and _cache_of(kwargs) is None:
+            kwargs[CACHE_KEYWORD] = self.new_cache()
+        return self.model.generate(*args, **kwargs)

@@ -80,15 +80,27 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         raise UserError(f"{path} is corrupt (not JSON); re-run the stage that wrote it") from None
 
 
+def teacher_config(folder: Path):
+    """The architecture around the mixers: a checkpoint's config.json, or the teacher config inside an
+    exported folder's (`rwkvinside export`, which also writes rwkvinside.json)."""
+    from transformers import AutoConfig
+
+    from rwkvinside.export.configuration import RWKVInsideConfig, is_exported_folder
+
+    if is_exported_folder(folder):
+        return RWKVInsideConfig.from_pretrained(folder).text_config
+    return AutoConfig.from_pretrained(folder)
+
+
 def load_student(folder: Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> tuple[HybridModel, Any, dict[str, Any]]:
-    """(model in stage 2/3 mode, tokenizer, metadata) from a student checkpoint folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model in stage 2/3 mode, tokenizer, metadata) from a student checkpoint or exported folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     metadata = read_metadata(folder)
     conversion = metadata["conversion"]
-    config = AutoConfig.from_pretrained(folder)
+    config = teacher_config(folder)
     skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     spec = ConversionSpec(layers=tuple(conversion["layers"]), head_size=conversion["head_size"], init="rwkv")
     model = HybridModel(skeleton, spec, align=False)
@@ -99,7 +111,9 @@ def load_student(folder: Path, dtype: torch.dtype = torch.float32,
                         "re-run the stage that wrote it") from None
     result = model.model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                                          strict=False)
-    missing = [k for k in result.missing_keys if "rotary_emb" not in k]
+    # An exported folder leaves out a tied LM head (transformers saves the shared tensor once).
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [k for k in result.missing_keys if "rotary_emb" not in k and k not in tied]
     if missing or result.unexpected_keys:
         problem = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
         raise UserError(f"{folder / WEIGHTS_FILE} does not match its config ({problem}); "
@@ -107,5 +121,7 @@ def load_student(folder: Path, dtype: torch.dtype = torch.float32,
     if config.tie_word_embeddings:
         model.model.tie_weights()
     model.model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    # Given the config, the tokenizer need not read config.json (an exported folder's names remote code).
+    tokenizer = (AutoTokenizer.from_pretrained(folder, config=config)
+                 if (folder / "tokenizer_config.json").is_file() else None)
     return model, tokenizer, metadata
