@@ -19,7 +19,8 @@ from rwkvinside.ops.wkv7.naive import wkv7_naive
 
 # Up to this many steps the step loop beats the chunked form on the CPU: a decoding step costs it
 # a handful of ops against the chunked form's few dozen. Measured (benchmarks/bench_wkv7_cpu.py
-# --short, 2 cores): 0.3 vs 1.1 ms for one step at B=1, a tie at B=16, the chunked form ahead from 4.
+# --short, 2 cores, H=9, N=64): one step 0.23 vs 0.67 ms at B=1 and 2.7 vs 3.9 ms at B=16; two
+# steps even at B=16; from four steps on the chunked form wins at B=16 (4.7 vs 8.3 ms).
 NAIVE_MAX_LEN = 2
 
 
