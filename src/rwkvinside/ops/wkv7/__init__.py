@@ -51,8 +51,9 @@ def wkv7(
     _check_inputs(r, w, k, v, a, b, initial_state)
     args = (r, w, k, v, a, b, scale, initial_state, output_final_state)
     if r.is_cuda and r.dtype != torch.float64:
-        # No silent fallback: the chunked PyTorch form is written for the CPU, and a GPU run on it
-        # would be many times slower and hungrier for memory than the user expects.
+        # No silent fallback: the chunked PyTorch form is written for the CPU; a GPU training run on
+        # it would be far slower and hungrier for memory than the user expects, which a log line
+        # would not stop (benchmarks/gpu_wkv7_parity.py measures by how much).
         if not fla_available():
             raise UserError(
                 "WKV-7 on CUDA needs flash-linear-attention, which is not installed: "
