@@ -10,8 +10,9 @@ batch size, both models run transformers' `generate` on random prompts: the teac
 DynamicCache, the student with its RecurrentCache, whose single-token steps go to fla's
 `fused_recurrent_rwkv7`. ms/token is (t(N + steps) - t(N)) / steps over two greedy runs of N and
 N + steps new tokens, so the prefill cancels out; each configuration runs once first to warm up
-(kernel compilation, autotuning). Peak memory is the CUDA allocator's peak during the longer run;
-"cache" is the size of the KV cache or recurrent state it ends with. `--cuda-graph` also times
+(kernel compilation, autotuning). Peak memory is the CUDA allocator's peak during the longer run,
+prefill included (at long contexts the prefill's activations set it); "cache" is the size of the
+KV cache or recurrent state the run ends with, what decoding carries. `--cuda-graph` also times
 the student's decode step captured in a CUDA graph (replayed, no Python between steps), which
 shows how much of a step is launch overhead; it needs an all-RWKV student.
 
@@ -222,6 +223,10 @@ def main() -> None:
     student.eval()
 
     with torch.no_grad():
+        # Once before any timing: the first generate of a process pays one-off costs (allocator, clocks).
+        warm_up = torch.ones(1, 16, dtype=torch.long, device=device)
+        for model in (teacher, student):
+            time_generate(model, warm_up, FIRST_TOKENS + args.steps)
         rows = [run_config(teacher, student, context, batch, args, device)
                 for batch in args.batches for context in args.contexts]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
