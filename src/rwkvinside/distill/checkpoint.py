@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rwkvinside.errors import UserError
+from rwkvinside.errors import UserError, write_failure
 
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"^step_(\d+)$")
@@ -88,21 +88,6 @@ def save_torch(obj: Any, path: Path) -> None:
     context of torch's RuntimeError, which a path given to torch.save loses."""
     with path.open("wb") as handle:
         torch.save(obj, handle)
-
-
-def write_failure(error: BaseException) -> str | None:
-    """Why a write failed, when it was the file system (full disk, permissions); None for other errors.
-
-    A full disk shows as an OSError, as a RuntimeError of torch.save with the OSError as its context,
-    or as a SafetensorError with the system's message in its text."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen.strerror or str(seen)
-        seen = seen.__cause__ or seen.__context__
-    if type(error).__name__ == "SafetensorError" and "I/O error" in str(error):
-        return str(error).split("I/O error:", 1)[1].strip()
-    return None
 
 
 def load_checkpoint(folder: Path, engine, model: torch.nn.Module) -> dict[str, Any]:

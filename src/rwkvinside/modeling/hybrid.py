@@ -78,11 +78,13 @@ class ForwardContext:
 
     token_mask: Tensor | None = None  # [B, T], 1 for real tokens
     v_first: Tensor | None = None  # [B, T, C_att], set by the first converted layer
+    v_first_trainable: bool = False  # whether v_first must carry a gradient back to its producer
     alignment_losses: dict[int, Tensor] = field(default_factory=dict)
 
     def reset(self, token_mask: Tensor | None) -> None:
         self.token_mask = token_mask
         self.v_first = None
+        self.v_first_trainable = False
         self.alignment_losses = {}
 
     def follow(self, body: nn.Module) -> None:
@@ -126,14 +128,25 @@ class RWKVAttention(nn.Module):
             state = cache.rwkv_state(self.layer_idx) or TimeMixerState.zeros(
                 hidden_states.shape[0], self.mixer.config, hidden_states.device, hidden_states.dtype)
         v_first = None if self.produces_v_first else context.v_first
-        if v_first is None and not self.produces_v_first:
-            raise RuntimeError(f"layer {self.layer_idx} needs v_first, but no earlier converted layer ran")
+        if not self.produces_v_first:
+            self._check_v_first(v_first)
         output, v_first, new_state = self.mixer(hidden_states, v_first, state, context.token_mask)
         if self.produces_v_first:
             context.v_first = v_first
+            context.v_first_trainable = any(p.requires_grad for p in self.mixer.parameters())
         if recurrent:
             cache.update_rwkv_state(self.layer_idx, new_state, hidden_states.shape[1])
         return output, None
+
+
+    def _check_v_first(self, v_first: Tensor | None) -> None:
+        if v_first is None:
+            raise RuntimeError(f"layer {self.layer_idx} needs v_first, but no earlier converted layer ran")
+        if torch.is_grad_enabled() and self.context.v_first_trainable and not v_first.requires_grad:
+            # Reentrant activation checkpointing runs the first pass without gradients and
+            # recomputes this layer alone: v_first then reaches it cut off from its producer.
+            raise UserError("activation checkpointing with use_reentrant=True loses v_first's gradient; "
+                            "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}")
 
 
 def alignment_loss(student: Tensor, teacher: Tensor, token_mask: Tensor | None) -> Tensor:
@@ -165,7 +178,7 @@ class AttentionWrapper(nn.Module):
 
 def build_mixer(teacher_attention: nn.Module, family: TeacherFamily, geometry: AttentionGeometry,
                 layer_idx: int, spec: ConversionSpec) -> RWKV7TimeMixer:
-    head_size = spec.head_size or geometry.head_dim
+    head_size = geometry.head_dim if spec.head_size is None else spec.head_size
     config = TimeMixerConfig(
         hidden_size=geometry.hidden_size,
         num_heads=geometry.attention_size // head_size,
@@ -186,7 +199,7 @@ def validate_spec(spec: ConversionSpec, family: TeacherFamily, geometry: Attenti
     """Check everything before touching the model, so a bad spec converts nothing."""
     if spec.init not in INITIALISATIONS:
         raise UserError(f"unknown initialisation '{spec.init}'; choose one of {', '.join(INITIALISATIONS)}")
-    head_size = spec.head_size or geometry.head_dim
+    head_size = geometry.head_dim if spec.head_size is None else spec.head_size
     if head_size <= 0 or geometry.attention_size % head_size:
         raise UserError(
             f"head size {head_size} does not divide the attention width {geometry.attention_size}; "

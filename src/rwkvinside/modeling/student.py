@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rwkvinside.errors import UserError
+from rwkvinside.errors import UserError, write_failure
 from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
 
 METADATA_FILE = "rwkvinside.json"
@@ -62,9 +62,12 @@ def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[s
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_folder(tmp, folder)
-    except OSError as error:
+    except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the student to {folder} ({error.strerror or error}); "
+        reason = write_failure(error)
+        if reason is None:
+            raise
+        raise UserError(f"could not write the student to {folder} ({reason}); "
                         "free disk space or choose another --output; earlier checkpoints are intact") from None
 
 
