@@ -206,6 +206,7 @@ class Pipeline:
         tokenizer = self.teachers.tokenizer
         teacher_ppl = heldout_perplexity(teacher_hidden_fn(teacher), teacher.get_output_embeddings(), self.config,
                                          tokenizer, self.device)
+        seed_everything(self.config.train.seed)  # the very student stage 1 starts from
         fresh = HybridModel(teacher, self._spec(), align=False)
         fresh_ppl = heldout_perplexity(fresh.hidden_states, fresh.lm_head, self.config, tokenizer, self.device)
         self.report["baseline"] = {"teacher_ppl": teacher_ppl[0], "fresh_student_ppl": fresh_ppl[0],
