@@ -43,6 +43,16 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return fast
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """The test models are tiny: splitting their matrix products over two threads only adds
+    synchronisation, which on a busy 2-core machine made the suite several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()

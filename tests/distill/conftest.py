@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 
 def _root_conftest():
@@ -37,15 +36,6 @@ def teacher_folder(tmp_path_factory, tokenizer) -> Path:
     tiny_teacher().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """The models are tiny: threads only add overhead on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SEQ_LEN, BATCH, STEPS = 32, 2, 3

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 
@@ -22,13 +21,3 @@ def root_conftest(pytestconfig):
 def make_teacher(root_conftest):
     """build_tiny_teacher(family, ...): hidden 64, 4 query / 2 key-value heads of 16, 4 layers."""
     return root_conftest.build_tiny_teacher
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """The models here are tiny: splitting their matrix products over threads only costs
-    synchronisation, which on a shared 2-core machine made this folder ~8x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -31,16 +31,6 @@ CPU_TOLERANCE = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:ChunkDeltaRuleFunction does not support float32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These ops are small: on a busy 2-core machine two intra-op threads wait on each other and
-    the file ran 10x slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_inputs(
     batch: int,
     seq_len: int,
