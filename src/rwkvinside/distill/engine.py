@@ -1,7 +1,7 @@
 """Engines: who owns the optimizer, gradient accumulation, clipping and the process group.
 
 `PlainEngine` is one process on the CPU or one GPU and needs nothing beyond torch.
-`DeepSpeedEngine` runs under a `deepspeed`/`torchrun` launch (ZeRO 0-3, bf16, CPU offload).
+`DeepSpeedEngine` runs under a `deepspeed`/`torchrun` launch (ZeRO 0-2, bf16, CPU offload).
 The training loop talks to both through the same few methods. This is the only module that
 reads RANK/LOCAL_RANK/WORLD_SIZE or imports deepspeed.
 """
@@ -130,7 +130,7 @@ class PlainEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed: ZeRO 0-3 over NCCL (GPU) or gloo (CPU), bf16 on GPU, optional CPU offload."""
+    """DeepSpeed: ZeRO 0-2 over NCCL (GPU) or gloo (CPU), bf16 on GPU, optional CPU offload."""
 
     skips_nonfinite_steps = False
 
