@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rwkvinside.errors import UserError, write_failure
+from rwkvinside.errors import UserError, writing_into
 
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"^step_(\d+)$")
@@ -58,7 +58,8 @@ def save_checkpoint(stage_folder: Path, step: int, engine, trainable: dict[str, 
     root = stage_folder / CHECKPOINTS
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    try:
+    with writing_into(tmp, f"the checkpoint {final}",
+                      "free disk space and resume with --resume: the previous checkpoints are intact"):
         if engine.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -73,13 +74,6 @@ def save_checkpoint(stage_folder: Path, step: int, engine, trainable: dict[str, 
             for old in checkpoints(stage_folder)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         engine.barrier()
-    except Exception as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_failure(error)
-        if reason is None:
-            raise
-        raise UserError(f"could not save the checkpoint {final} ({reason}); free disk space "
-                        "and resume with --resume: the previous checkpoints are intact") from None
     return final
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rwkvinside.errors import UserError, write_failure
+from rwkvinside.errors import UserError, writing_into
 from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
 
 METADATA_FILE = "rwkvinside.json"
@@ -46,7 +46,8 @@ def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[s
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
+    with writing_into(tmp, f"the student to {folder}",
+                      "free disk space or choose another --output; earlier checkpoints are intact"):
         model.config.to_json_file(tmp / "config.json")
         spec = model.spec
         metadata = {
@@ -56,19 +57,23 @@ def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[s
             **provenance,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-        # Tied embeddings share one tensor; safetensors stores each name separately.
-        state = {k: v.detach().contiguous().cpu().clone() for k, v in model.model.state_dict().items()}
+        state = untied_state_dict(model.model)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_folder(tmp, folder)
-    except Exception as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_failure(error)
-        if reason is None:
-            raise
-        raise UserError(f"could not write the student to {folder} ({reason}); "
-                        "free disk space or choose another --output; earlier checkpoints are intact") from None
+
+
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU, ready for safetensors: a tensor shared under two names (tied
+    embeddings) is copied for its second name, and only then, not the whole model."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        state[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return state
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
