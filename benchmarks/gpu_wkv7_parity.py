@@ -115,8 +115,9 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def parity(
-    impls: list[Impl], sizes: Sizes, device: str, deadline: float
+    impls: list[Impl], sizes: Sizes, device: str, deadline: float, save: Callable[[list, list], None]
 ) -> tuple[list[dict], list[str]]:
+    """The parity rows and the cases skipped for time; save(rows, skipped) runs after each case."""
     rows, skipped = [], []
     for heads in sizes.heads:
         for seq_len in sizes.seq_lens:
@@ -139,6 +140,7 @@ def parity(
                     rows.append(dict(path=impl.name, dtype=dtype_name, T=seq_len, H=heads, errors=errors))
                     print(f"parity {case} {impl.name}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
                           flush=True)
+                save(rows, skipped)  # a call cut short keeps the cases it finished
     return rows, skipped
 
 
@@ -286,12 +288,15 @@ def main() -> None:
     impls = implementations(args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
     results = dict(environment=environment(device, args.dry_run))
-    rows, skipped = parity(impls, sizes, device, deadline=started + args.parity_budget_s)
+
+    def save(rows: list, skipped: list) -> None:
+        (args.out / "results.json").write_text(json.dumps(results | dict(parity=rows, skipped=skipped), indent=2))
+
+    rows, skipped = parity(impls, sizes, device, started + args.parity_budget_s, save)
     results |= dict(parity=rows, skipped=skipped)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if timing dies
     results |= dict(speed=speed(impls, sizes, device), decoding=decoding(impls, sizes, device))
     results["seconds"] = time.monotonic() - started
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    save(rows, skipped)
     table = markdown(results)
     (args.out / "results.md").write_text(table)
     print(table)
