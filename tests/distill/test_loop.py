@@ -32,8 +32,12 @@ def regression_batches(batch_size: int, seed: int = 0):
 
 
 def regression_step(model, teacher, batch, stage, loss_chunk) -> StepLoss:
-    loss = (model(batch["x"]) - batch["y"]).pow(2).mean()
-    return StepLoss(loss, {"mse": loss.detach()}, torch.tensor(batch["x"].shape[0]))
+    loss = (model(batch["x"]) - batch["y"]).pow(2).sum()
+    return StepLoss(loss, {"mse": loss.detach()})
+
+
+def count_samples(batch) -> torch.Tensor:
+    return torch.tensor(batch["x"].shape[0])
 
 
 def nan_on(calls: set[int], step=regression_step):
@@ -44,7 +48,7 @@ def nan_on(calls: set[int], step=regression_step):
         nonlocal count
         count += 1
         out = step(*args)
-        return StepLoss(out.loss * float("nan"), out.metrics, out.tokens) if count in calls else out
+        return StepLoss(out.loss * float("nan"), out.metrics) if count in calls else out
 
     return step_with_nan
 
@@ -62,13 +66,14 @@ class SnapshotLog(RunLog):
         self.weights[record["step"]] = copy.deepcopy(self.model.state_dict())
 
 
-def make_trainer(tmp_path, model, batches, step=regression_step, stage_config=None, **train) -> Trainer:
+def make_trainer(tmp_path, model, batches, step=regression_step, stage_config=None, count_tokens=count_samples,
+                 **train) -> Trainer:
     stage_config = stage_config or StageConfig(lr=0.05, lr_final=0.005, warmup_steps=2, max_steps=6,
                                                weight_decay=0.1)
     train_config = TrainConfig(**train)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = PlainEngine(model, params, train_config, CPU)
-    stage = Stage(1, "test", "text", aligns=False, needs_teacher=False, step=step)
+    stage = Stage(1, "test", "text", aligns=False, needs_teacher=False, step=step, count_tokens=count_tokens)
     return Trainer(stage, stage_config, train_config, model, None, batches, engine, params, tmp_path,
                    SnapshotLog(tmp_path, model), save_every=0, keep_last=1)
 
@@ -174,13 +179,43 @@ def hybrid(align: bool) -> HybridModel:
     return HybridModel(tiny_teacher(), align=align)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+def padded_batches(seq_len: int = 12):
+    """Right-padded batches of sequence lengths (12, 7), then (5, 9); like SFT, the first two positions
+    and the last real one have no target: length - 3 targets per sequence."""
+    generator = torch.Generator().manual_seed(1)
+    for lengths in ((12, 7), (5, 9)) * 10:
+        ids = torch.randint(3, 320, (2, seq_len), generator=generator)
+        mask = torch.zeros(2, seq_len, dtype=torch.long)
+        labels = torch.full((2, seq_len), -100)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = 1
+            labels[row, 2:length - 1] = ids[row, 3:length]
+        yield {"input_ids": ids.masked_fill(mask == 0, 0), "labels": labels, "attention_mask": mask}
+
+
+def in_pairs(batches):
+    """Each two consecutive batches as one."""
+    batches = iter(batches)
+    for first, second in zip(batches, batches):
+        yield {key: torch.cat([first[key], second[key]]) for key in first}
+
+
+ACCUMULATION_CASES = {
+    # (one batch of 4, micro-batches of 2)
+    1: (lambda: token_batches(4), lambda: token_batches(2)),  # every micro-batch aligns 32 tokens
+    3: (lambda: in_pairs(padded_batches()), padded_batches),  # micro-batches of 13 and 8 targets
+}
+
+
+@pytest.mark.parametrize("number", sorted(ACCUMULATION_CASES))
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, number):
+    """The step's loss is the mean over all its tokens, however the micro-batches split them."""
     stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=3)
     results = []
-    for name, batch_size, grad_accum in (("big", 4, 1), ("accumulated", 2, 2)):
-        model = hybrid(align=True)
-        trainer = make_trainer(tmp_path / name, model, token_batches(batch_size), STAGES[1].step, stage,
-                               grad_accum=grad_accum)
+    for name, batches, grad_accum in zip(("big", "accumulated"), ACCUMULATION_CASES[number], (1, 2)):
+        model = hybrid(align=number == 1)
+        trainer = make_trainer(tmp_path / name, model, batches(), STAGES[number].step, stage,
+                               STAGES[number].count_tokens, grad_accum=grad_accum)
         _, records = run(trainer)
         trained = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
         results.append((records, trained))
@@ -242,25 +277,12 @@ def test_bad_steps_that_are_not_in_a_row_do_not_stop_the_run(tmp_path):
 
 # ---- token counting -------------------------------------------------------------------------------
 
-def padded_batches(seq_len: int = 12):
-    """Right-padded batches of sequence lengths (12, 7), then (5, 9); like SFT, the first two positions
-    and the last real one have no target: length - 3 targets per sequence."""
-    generator = torch.Generator().manual_seed(1)
-    for lengths in ((12, 7), (5, 9)) * 10:
-        ids = torch.randint(3, 320, (2, seq_len), generator=generator)
-        mask = torch.zeros(2, seq_len, dtype=torch.long)
-        labels = torch.full((2, seq_len), -100)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-            labels[row, 2:length - 1] = ids[row, 3:length]
-        yield {"input_ids": ids.masked_fill(mask == 0, 0), "labels": labels, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("number, per_step", [(1, [19, 14]), (3, [13, 8])])
 def test_padding_never_counts_as_trained_tokens(tmp_path, number, per_step):
     """Stage 1 trains every real position (attention_mask); stage 3 every target (labels != -100)."""
     stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=4, trainable="mixers")
-    trainer = make_trainer(tmp_path, hybrid(align=number == 1), padded_batches(), STAGES[number].step, stage)
+    trainer = make_trainer(tmp_path, hybrid(align=number == 1), padded_batches(), STAGES[number].step, stage,
+                           STAGES[number].count_tokens)
     progress, records = run(trainer)
     assert [r["tokens_in_step"] for r in records] == per_step * 2
     assert progress.tokens == sum(per_step) * 2 == records[-1]["tokens"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from rwkvinside.config import StageConfig
 from rwkvinside.distill.losses import IGNORE_INDEX, distill_terms, mean_alignment_loss
-from rwkvinside.distill.stages import distillation_step, sft_step
+from rwkvinside.distill.stages import distillation_step, sft_step, target_tokens
 
 B, T, C, V = 2, 12, 16, 24
 
@@ -169,7 +169,8 @@ class StubModel(nn.Module):
         return self.head
 
 
-def test_distillation_step_weights_the_terms_per_token():
+def test_stage_steps_sum_their_terms_over_the_target_tokens():
+    """The loop divides by the optimizer step's target tokens; a stage step returns sums."""
     student_hidden, teacher_hidden, labels, student_head, teacher_head = make_case(seed=5)
     batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "labels": labels,
              "attention_mask": torch.ones(B, T, dtype=torch.long)}
@@ -178,10 +179,9 @@ def test_distillation_step_weights_the_terms_per_token():
                             batch, stage, loss_chunk=5)
     kl, student_ce, teacher_ce, tokens = reference_terms(student_hidden, teacher_hidden, labels, student_head,
                                                          teacher_head, 1.5)
-    assert int(out.tokens) == tokens
-    torch.testing.assert_close(out.loss.double(), (0.25 * kl + 2.0 * student_ce) / tokens, rtol=1e-5, atol=1e-6)
+    assert int(target_tokens(batch)) == tokens
+    torch.testing.assert_close(out.loss.double(), 0.25 * kl + 2.0 * student_ce, rtol=1e-5, atol=1e-5)
     for name, value in (("kl", kl), ("student_ce", student_ce), ("teacher_ce", teacher_ce)):
-        torch.testing.assert_close(out.metrics[name].double(), value / tokens, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.metrics[name].double(), value, rtol=1e-5, atol=1e-5)
     sft = sft_step(StubModel(student_hidden, student_head), None, batch, stage, loss_chunk=5)
-    torch.testing.assert_close(sft.loss.double(), student_ce / tokens, rtol=1e-5, atol=1e-6)
-    assert int(sft.tokens) == tokens
+    torch.testing.assert_close(sft.loss.double(), student_ce, rtol=1e-5, atol=1e-5)

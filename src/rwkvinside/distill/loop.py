@@ -96,35 +96,36 @@ class Trainer:
         batch = next(self.batches)
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
-    def _reduce_mean(self, metrics: dict[str, Tensor]) -> dict[str, float]:
-        if not metrics:
-            return {}
-        keys = sorted(metrics)
-        values = self.engine.all_reduce_sum(torch.stack([metrics[k].float() for k in keys]))
-        return {k: float(v) / self.engine.world_size for k, v in zip(keys, values)}
-
     def step(self, progress: Progress) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns the logged record."""
+        """One optimizer step over grad_accum micro-batches; returns the logged record.
+
+        The loss is the mean over the step's trained tokens, on every process and in every
+        micro-batch together: micro-batches (or processes) with more targets weigh more, as they
+        would in one big batch. The engines average gradients over micro-batches and processes;
+        `weight` turns that average into the mean over the step's tokens.
+        """
         lr, weight_decay = schedule(progress, self.stage_config)
         self.engine.set_schedule(lr, weight_decay)
+        batches = [self._micro_batch() for _ in range(self.train.grad_accum)]
+        tokens = self.engine.all_reduce_sum(sum(self.stage.count_tokens(batch) for batch in batches))
+        weight = self.train.grad_accum * self.engine.world_size / tokens.clamp(min=1).float()
         sums: dict[str, Tensor] = {}
-        tokens = torch.zeros((), dtype=torch.long, device=self.engine.device)
         bad = False
-        for _ in range(self.train.grad_accum):
-            out = self.stage.step(self.model, self.teacher, self._micro_batch(), self.stage_config,
-                                  self.train.loss_chunk)
+        for batch in batches:
+            out = self.stage.step(self.model, self.teacher, batch, self.stage_config, self.train.loss_chunk)
             finite = self.engine.all_reduce_sum(torch.isfinite(out.loss.detach()).float()) == self.engine.world_size
             if not finite:
                 bad = True
                 self.engine.set_schedule(0.0, 0.0)  # nothing of this step may reach the weights
-            self.engine.backward(out.loss if finite else _zero_loss(self.params))
+            self.engine.backward(out.loss * weight if finite else _zero_loss(self.params))
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-                sums[key] = sums.get(key, 0) + value.float() / self.train.grad_accum
-            tokens += out.tokens
+                sums[key] = sums.get(key, 0) + value.float()
         grad_norm = self.engine.optimizer_step(skip=bad)
-        record = self._reduce_mean(sums)
+        keys = sorted(sums)
+        totals = self.engine.all_reduce_sum(torch.stack([sums[key] for key in keys])) / tokens.clamp(min=1)
+        record = {key: float(total) for key, total in zip(keys, totals)}
         record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm)
-        record["tokens_in_step"] = int(self.engine.all_reduce_sum(tokens))
+        record["tokens_in_step"] = int(tokens)
         record["bad"] = bad or not math.isfinite(grad_norm)
         return record
 
