@@ -151,7 +151,7 @@ class LogConfig:
 @dataclass
 class EngineConfig:
     kind: str = "plain"  # "plain" (one process) or "deepspeed"
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-2 (3 is refused for now, see below)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory
     deepspeed_config: str | None = None  # a DeepSpeed JSON whose entries override ours
 
@@ -160,11 +160,6 @@ class EngineConfig:
             raise ValueError(f"engine.kind must be 'plain' or 'deepspeed', not '{self.kind}'")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"engine.zero_stage must be 0-3, not {self.zero_stage}")
-        if self.zero_stage == 3:
-            # Under ZeRO-3 the student's weights are partitioned when a stage saves it, and the
-            # chunked LM-head loss recomputes against the partitioned head: both need gathering.
-            raise ValueError("engine.zero_stage=3 is not supported yet; use zero_stage 2 "
-                             "(with offload_optimizer: true for large models)")
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Two DeepSpeed processes on the CPU (gloo), batch 1 each, give the per-step losses of one plain
-process with batch 2: the same global batch, so the same training."""
+process with batch 2: the same global batch, so the same training. All three stages run: stage 2
+trains the time mixers beside a frozen LM head, stage 3 every weight, the head (tied to the
+embeddings) included."""
 
 import importlib.util
 import json
@@ -8,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rwkvinside import cli
 from rwkvinside.distill.metrics import read_log
+from rwkvinside.modeling.student import load_student
 
 from .conftest import SEQ_LEN, distill_args
 
@@ -18,6 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("dee
                                                    reason="DeepSpeed is not installed")]
 
 STEPS = 4
+
+def with_chat(inputs) -> str:
+    return f"data.chat=['{inputs['chat']}']"
 
 # `rwkvinside` under torchrun; with a step number first, both processes die (os._exit) just before
 # that step, as a killed job would, once the checkpoint before it is complete.
@@ -53,9 +60,10 @@ def per_step(output: Path, stage: int) -> list[tuple[int, float, int]]:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, inputs) -> Path:
-    """The reference: one process, batch 2, stages 1 and 2."""
+    """The reference: one process, batch 2, stages 1 to 3."""
     output = tmp_path_factory.mktemp("plain") / "run"
-    assert cli.main(distill_args(inputs, output, "--batch-size", "2", "--save-every", "2", steps=STEPS)) == 0
+    assert cli.main(distill_args(inputs, output, "--batch-size", "2", "--save-every", "2", with_chat(inputs),
+                                 steps=STEPS)) == 0
     return output
 
 
@@ -66,19 +74,22 @@ def assert_same_steps(got, expected, rel):
         assert loss == pytest.approx(reference, rel=rel), step
 
 
-def test_zero2_two_processes_match_one(tmp_path, inputs, plain):
-    """Stages 1 and 2 in one launch: the process group serves both; checkpoints are written."""
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_two_processes_match_one(tmp_path, inputs, plain, zero_stage):
+    """Three stages in one launch: the process group serves them all; checkpoints are written."""
     output = tmp_path / "ds"
     result = torchrun(tmp_path, 0, distill_args(inputs, output, "--batch-size", "1", "--save-every", "2",
-                                                "engine.kind=deepspeed", "engine.zero_stage=2", steps=STEPS))
+                                                with_chat(inputs), "engine.kind=deepspeed",
+                                                f"engine.zero_stage={zero_stage}", steps=STEPS))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
     # stage 2 starts from a stage 1 student that differs from the plain one in the last bits
     assert_same_steps(per_step(output, 2), per_step(plain, 2), rel=1e-4)
+    assert_same_steps(per_step(output, 3), per_step(plain, 3), rel=1e-4)
     assert per_step(output, 1)[-1][2] == 2 * SEQ_LEN * STEPS
     assert (output / "stage1/checkpoints/step_000004/deepspeed").is_dir()
     report = json.loads((output / "report.json").read_text())
-    assert report["stages"]["2"]["step"] == STEPS
+    assert report["stages"]["3"]["step"] == STEPS
 
 
 def test_zero0_resumes_after_both_processes_die(tmp_path, inputs, plain):
@@ -93,3 +104,28 @@ def test_zero0_resumes_after_both_processes_die(tmp_path, inputs, plain):
     resumed = torchrun(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
+
+
+def test_zero3_with_offload_resumes_after_both_processes_die(tmp_path, inputs, plain):
+    """ZeRO-3 partitions every weight: a stage's student is gathered whole before it is saved (the
+    next stage starts from it), the chunked LM-head loss re-gathers the head, frozen in stage 2,
+    trained in stage 3, when it recomputes, and the partitioned checkpoint resumes. The optimizer
+    steps on the CPU (DeepSpeed's CPU Adam, compiled on the first run on a machine)."""
+    output = tmp_path / "ds"
+    args = distill_args(inputs, output, "--batch-size", "1", "--save-every", "2", with_chat(inputs),
+                        "engine.kind=deepspeed", "engine.zero_stage=3", "engine.offload_optimizer=true",
+                        steps=STEPS)
+    crashed = torchrun(tmp_path, 4, args)
+    assert crashed.returncode != 0
+    assert (output / "stage1/checkpoints/step_000002/deepspeed").is_dir()
+
+    resumed = torchrun(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
+    assert_same_steps(per_step(output, 2), per_step(plain, 2), rel=1e-4)
+    assert_same_steps(per_step(output, 3), per_step(plain, 3), rel=1e-4)
+    student, _, _ = load_student(output / "stage3/student")
+    reference, _, _ = load_student(plain / "stage3/student")
+    for (name, weight), expected in zip(student.model.state_dict().items(), reference.model.state_dict().values()):
+        assert weight.shape == expected.shape, name
+        assert torch.allclose(weight, expected, rtol=1e-3, atol=1e-5), name

@@ -1,7 +1,7 @@
 """Engines: who owns the optimizer, gradient accumulation, clipping and the process group.
 
 `PlainEngine` is one process on the CPU or one GPU and needs nothing beyond torch.
-`DeepSpeedEngine` runs under a `deepspeed`/`torchrun` launch (ZeRO 0-2, bf16, CPU offload).
+`DeepSpeedEngine` runs under a `deepspeed`/`torchrun` launch (ZeRO 0-3, bf16, CPU offload).
 The training loop talks to both through the same few methods. This is the only module that
 reads RANK/LOCAL_RANK/WORLD_SIZE or imports deepspeed.
 """
@@ -83,6 +83,12 @@ class Engine:
     def barrier(self) -> None:
         pass
 
+    def whole_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """The state dict of `model.model` (the student's language model) for the main process to
+        save, where the model's own tensors are not whole; None where they are. Every process
+        calls it: gathering may be collective."""
+        return None
+
 
 class PlainEngine(Engine):
     """One process: torch AdamW, accumulation by loss scaling, global-norm clipping."""
@@ -130,7 +136,7 @@ class PlainEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed: ZeRO 0-2 over NCCL (GPU) or gloo (CPU), bf16 on GPU, optional CPU offload."""
+    """DeepSpeed: ZeRO 0-3 over NCCL (GPU) or gloo (CPU), bf16 on GPU, optional CPU offload."""
 
     skips_nonfinite_steps = False
 
@@ -145,7 +151,15 @@ class DeepSpeedEngine(Engine):
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         config = deepspeed_config(train, engine, dtype)
-        optimizer = make_optimizer(params, device)
+        if engine.offload_optimizer:
+            # The optimizer steps on the CPU, where torch's AdamW would be the bottleneck (and
+            # DeepSpeed refuses it): DeepSpeed's vectorised CPU Adam, in AdamW mode, built on first use.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(param_groups(params), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                         adamw_mode=True)
+        else:
+            optimizer = make_optimizer(params, device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, model_parameters=None)
         self.params = params
@@ -177,6 +191,16 @@ class DeepSpeedEngine(Engine):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def whole_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """Under ZeRO-3 each process holds a slice of every weight: gather them, one module at a
+        time, onto the main process's CPU (None on the others)."""
+        if self.engine.zero_optimization_stage() < 3:
+            return None
+        state = self.engine._zero3_consolidated_16bit_state_dict()  # the weights in the model's dtype
+        if state is None:
+            return None
+        return {name.removeprefix("model."): tensor for name, tensor in state.items() if name.startswith("model.")}
 
     def save(self, folder: Path, trainable: dict[str, Tensor]) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)

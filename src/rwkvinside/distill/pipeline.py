@@ -270,12 +270,13 @@ class Pipeline:
         finally:
             log.close()
         summary = self._summarise(stage, folder, progress, model, tokenizer)
+        weights = engine.whole_weights(model)
         if self.is_main:
             provenance = {"teacher": self.config.teacher.source, "stage": number, "tokens": progress.tokens,
                           "steps": progress.step, "history": self._history(previous, number, progress)}
             # the student folder marks the stage as finished for --resume: the summary goes first
             (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-            save_student(model, tokenizer, student_folder, provenance)
+            save_student(model, tokenizer, student_folder, provenance, weights)
         engine.barrier()
         self.report["stages"][number] = summary
         return student_folder

@@ -38,8 +38,13 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[str, Any]) -> None:
-    """Write the student (teacher attentions dropped first) atomically to `folder`."""
+def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[str, Any],
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the student (teacher attentions dropped first) atomically to `folder`.
+
+    `weights` is the language model's state dict where the model's own tensors are not whole
+    (ZeRO-3 partitions them; the engine gathers them); by default the model's state dict.
+    """
     if model.aligning:
         model.drop_teacher_attention()
     folder = Path(folder)
@@ -57,18 +62,18 @@ def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[s
             **provenance,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-        state = untied_state_dict(model.model)
+        state = untied_state_dict(model.model.state_dict() if weights is None else weights)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_folder(tmp, folder)
 
 
-def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU, ready for safetensors: a tensor shared under two names (tied
+def untied_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU, ready for safetensors: a tensor shared under two names (tied
     embeddings) is copied for its second name, and only then, not the whole model."""
     state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         tensor = tensor.detach().cpu().contiguous()
         storage = tensor.untyped_storage().data_ptr()
         state[name] = tensor.clone() if storage in seen else tensor
