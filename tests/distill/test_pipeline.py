@@ -192,6 +192,8 @@ def bad_data(tmp_path: Path, kind: str) -> Path:
     ("small", "one training sequence of --seq-len 32 needs 33"),
     ("unknown_key", "unknown config key 'stage1.learning_rate'"),
     ("bad_stage", "--stage must be 1, 2, 3 or all"),
+    ("missing_deepspeed_json", "DeepSpeed config .* does not exist"),
+    ("bad_deepspeed_json", "DeepSpeed config .* is not valid JSON"),
 ])
 def test_bad_inputs_are_one_error_line(tmp_path, inputs, capsys, case, message):
     changed = dict(inputs)
@@ -204,6 +206,11 @@ def test_bad_inputs_are_one_error_line(tmp_path, inputs, capsys, case, message):
         extra = ["stage1.learning_rate=1e-3"]
     elif case == "bad_stage":
         extra = ["--stage", "5"]
+    elif case.endswith("deepspeed_json"):
+        path = tmp_path / "ds.json"
+        if case.startswith("bad"):
+            path.write_text('{"zero_optimization": {"stage": 3,}}', encoding="utf-8")
+        extra = ["engine.kind=deepspeed", f"engine.deepspeed_config={path}"]
     else:
         changed["corpus"] = bad_data(tmp_path, case)
     assert cli.main(distill_args(changed, tmp_path / "out", *extra)) == 2

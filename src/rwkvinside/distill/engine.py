@@ -235,15 +235,22 @@ def deepspeed_config(train: TrainConfig, engine: EngineConfig, dtype: torch.dtyp
         "wall_clock_breakdown": False,
     }
     if engine.deepspeed_config:
-        path = Path(engine.deepspeed_config)
-        try:
-            user = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"DeepSpeed config '{path}' does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"DeepSpeed config '{path}' is not valid JSON: {error}") from None
-        config = _merge(config, user)
+        config = _merge(config, read_deepspeed_json(engine.deepspeed_config))
     return config
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed config file, or a UserError that says what is wrong with it."""
+    path = Path(path)
+    try:
+        user = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"DeepSpeed config '{path}' does not exist; fix engine.deepspeed_config") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"DeepSpeed config '{path}' is not valid JSON ({error}); fix the file") from None
+    if not isinstance(user, dict):
+        raise UserError(f"DeepSpeed config '{path}' must hold a JSON object, not {type(user).__name__}")
+    return user
 
 
 def _merge(base: dict, override: dict) -> dict:

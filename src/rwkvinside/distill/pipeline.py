@@ -32,7 +32,7 @@ from rwkvinside.data import DataConfig as LoaderConfig
 from rwkvinside.data import build_train_loader, heldout_batches, resolve_sources
 from rwkvinside.distill.checkpoint import checkpoints, load_checkpoint
 from rwkvinside.distill.engine import (DeepSpeedEngine, PlainEngine, launched_world, leave_process_group,
-                                       resolve_device, resolve_dtype)
+                                       read_deepspeed_json, resolve_device, resolve_dtype)
 from rwkvinside.distill.loop import Progress, Trainer
 from rwkvinside.distill.metrics import RunLog, plot_alignment, read_log
 from rwkvinside.distill.stages import STAGES, Stage
@@ -153,6 +153,8 @@ def check_inputs(config: Config, plan: RunPlan) -> None:
         resolve_sources(config.data.eval)
     if plan.init_from is not None:
         read_metadata(Path(plan.init_from))
+    if config.engine.kind == "deepspeed" and config.engine.deepspeed_config:
+        read_deepspeed_json(config.engine.deepspeed_config)
 
 
 def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: int):
