@@ -5,6 +5,7 @@ embeddings) included."""
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,31 +27,47 @@ STEPS = 4
 def with_chat(inputs) -> str:
     return f"data.chat=['{inputs['chat']}']"
 
-# `rwkvinside` under torchrun; with a step number first, both processes die (os._exit) just before
-# that step, as a killed job would, once the checkpoint before it is complete.
+# `rwkvinside` under torchrun (or alone). With a step number first, the processes die (os._exit) just before
+# that step, as a killed job would, once the checkpoint before it is complete; with a step number
+# second, that step's loss is NaN on every process.
 RUNNER = """
-import os, sys
+import dataclasses, os, sys
 from rwkvinside import cli
 from rwkvinside.distill import loop
 
-crash_before = int(sys.argv[1])
+crash_before, nan_at = int(sys.argv[1]), int(sys.argv[2])
 step = loop.Trainer.step
 
-def step_or_crash(self, progress):
+def nan_loss(stage_step):
+    def step_with_nan(*args):
+        out = stage_step(*args)
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
+    return step_with_nan
+
+def patched_step(self, progress):
     if progress.step + 1 == crash_before:
         os._exit(3)
+    if progress.step + 1 == nan_at:
+        original = self.stage
+        self.stage = dataclasses.replace(original, step=nan_loss(original.step))
+        try:
+            return step(self, progress)
+        finally:
+            self.stage = original
     return step(self, progress)
 
-loop.Trainer.step = step_or_crash
-sys.exit(cli.main(sys.argv[2:]))
+loop.Trainer.step = patched_step
+sys.exit(cli.main(sys.argv[3:]))
 """
 
 
-def torchrun(tmp_path: Path, crash_before: int, args: list[str]) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, crash_before: int, args: list[str], nan_at: int = 0,
+             processes: int = 2) -> subprocess.CompletedProcess:
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER, encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(runner), str(crash_before), "-q", *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [sys.executable, *(launcher if processes > 1 else []), str(runner), str(crash_before), str(nan_at),
+               "-q", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -78,7 +95,7 @@ def assert_same_steps(got, expected, rel):
 def test_two_processes_match_one(tmp_path, inputs, plain, zero_stage):
     """Three stages in one launch: the process group serves them all; checkpoints are written."""
     output = tmp_path / "ds"
-    result = torchrun(tmp_path, 0, distill_args(inputs, output, "--batch-size", "1", "--save-every", "2",
+    result = launch(tmp_path, 0, distill_args(inputs, output, "--batch-size", "1", "--save-every", "2",
                                                 with_chat(inputs), "engine.kind=deepspeed",
                                                 f"engine.zero_stage={zero_stage}", steps=STEPS))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,12 +113,12 @@ def test_zero0_resumes_after_both_processes_die(tmp_path, inputs, plain):
     output = tmp_path / "ds"
     args = distill_args(inputs, output, "--stage", "1", "--batch-size", "1", "--save-every", "2",
                         "engine.kind=deepspeed", "engine.zero_stage=0", steps=STEPS)
-    crashed = torchrun(tmp_path, 4, args)
+    crashed = launch(tmp_path, 4, args)
     assert crashed.returncode != 0
     assert [s for s, _, _ in per_step(output, 1)] == [1, 2, 3]  # step 3 logged, its checkpoint never written
     assert (output / "stage1/checkpoints/step_000002").is_dir()
 
-    resumed = torchrun(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
+    resumed = launch(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
 
@@ -115,11 +132,11 @@ def test_zero3_with_offload_resumes_after_both_processes_die(tmp_path, inputs, p
     args = distill_args(inputs, output, "--batch-size", "1", "--save-every", "2", with_chat(inputs),
                         "engine.kind=deepspeed", "engine.zero_stage=3", "engine.offload_optimizer=true",
                         steps=STEPS)
-    crashed = torchrun(tmp_path, 4, args)
+    crashed = launch(tmp_path, 4, args)
     assert crashed.returncode != 0
     assert (output / "stage1/checkpoints/step_000002/deepspeed").is_dir()
 
-    resumed = torchrun(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
+    resumed = launch(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
     assert_same_steps(per_step(output, 2), per_step(plain, 2), rel=1e-4)
@@ -129,3 +146,20 @@ def test_zero3_with_offload_resumes_after_both_processes_die(tmp_path, inputs, p
     for (name, weight), expected in zip(student.model.state_dict().items(), reference.model.state_dict().values()):
         assert weight.shape == expected.shape, name
         assert torch.allclose(weight, expected, rtol=1e-3, atol=1e-5), name
+
+
+def test_a_nan_loss_skips_the_step_on_every_process(tmp_path, inputs):
+    """Every process sees the NaN and skips the step: its weights do not move (the next step's loss
+    equals the single process's, which skips it too), and the run goes on."""
+    results = {}
+    for name, processes, batch in (("plain", 1, "2"), ("ds", 2, "1")):
+        output = tmp_path / name
+        extra = ["engine.kind=deepspeed", "engine.zero_stage=2"] if processes > 1 else []
+        args = distill_args(inputs, output, "--stage", "1", "--batch-size", batch, *extra, steps=3)
+        result = launch(tmp_path, 0, args, nan_at=2, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "step 2: loss or gradient not finite" in result.stderr
+        results[name] = per_step(output, 1)
+    (_, nan_loss, _), = [r for r in results["ds"] if r[0] == 2]
+    assert math.isnan(nan_loss)
+    assert_same_steps([r for r in results["ds"] if r[0] != 2], [r for r in results["plain"] if r[0] != 2], rel=1e-5)
