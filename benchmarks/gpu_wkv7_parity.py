@@ -69,23 +69,27 @@ GPU_SIZES = Sizes(2, (100, 300, 2048), (9, 32), 64, (8, 2048, 9, 64), (1, 16), r
 DRY_RUN_SIZES = Sizes(2, (5, 37), (2, 3), 16, (2, 64, 2, 16), (1, 4), repeats=3)
 
 
-def implementations(dry_run: bool) -> list[Impl]:
-    """The implementations to check; in a dry run wkv7_chunk stands in for every fla function."""
-    if dry_run:
-        return [
-            Impl("fla chunk (defaults) [stand-in]", wkv7_chunk, True),
-            Impl("fla chunk (RWKV-7 options) [stand-in]", wkv7_chunk, True),
-            Impl("fla fused_recurrent [stand-in]", wkv7_chunk, False),
-            Impl("torch chunk", wkv7_chunk, True),
-        ]
-    from fla.ops.rwkv7 import chunk_rwkv7
+PATHS = ("chunk", "chunk-rwkv7-options", "fused-recurrent", "torch-chunk")
 
-    found = [Impl("fla chunk (defaults)", wkv7_fla_chunk, True)]
-    if {"safe_gate", "lower_bound", "chunk_size"} <= set(inspect.signature(chunk_rwkv7).parameters):
-        found.append(Impl("fla chunk (RWKV-7 options)", partial(wkv7_fla_chunk, **RWKV7_CHUNK_OPTIONS), True))
-    found.append(Impl("fla fused_recurrent", wkv7_fla_fused_recurrent, False))
-    found.append(Impl("torch chunk", wkv7_chunk, True))
-    return found
+
+def implementations(dry_run: bool, paths: tuple[str, ...] = PATHS) -> list[Impl]:
+    """The implementations to check (keys of PATHS); in a dry run wkv7_chunk stands in for fla."""
+    if dry_run:
+        found = {
+            "chunk": Impl("fla chunk (defaults) [stand-in]", wkv7_chunk, True),
+            "chunk-rwkv7-options": Impl("fla chunk (RWKV-7 options) [stand-in]", wkv7_chunk, True),
+            "fused-recurrent": Impl("fla fused_recurrent [stand-in]", wkv7_chunk, False),
+        }
+    else:
+        from fla.ops.rwkv7 import chunk_rwkv7
+
+        found = {"chunk": Impl("fla chunk (defaults)", wkv7_fla_chunk, True)}
+        if {"safe_gate", "lower_bound", "chunk_size"} <= set(inspect.signature(chunk_rwkv7).parameters):
+            found["chunk-rwkv7-options"] = Impl("fla chunk (RWKV-7 options)",
+                                                partial(wkv7_fla_chunk, **RWKV7_CHUNK_OPTIONS), True)
+        found["fused-recurrent"] = Impl("fla fused_recurrent", wkv7_fla_fused_recurrent, False)
+    found["torch-chunk"] = Impl("torch chunk", wkv7_chunk, True)
+    return [found[path] for path in paths if path in found]
 
 
 def rwkv7_inputs(batch: int, seq_len: int, heads: int, head_dim: int, dtype, device, seed: int = 0) -> list:
@@ -272,6 +276,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, wkv7_chunk for fla")
     parser.add_argument(
+        "--paths", default=",".join(PATHS),
+        help="comma-separated, of " + ", ".join(PATHS) + " (fla autotunes each chunk variant for minutes)",
+    )
+    parser.add_argument(
         "--parity-budget-s", type=float, default=120.0,
         help="parity cases starting later than this are skipped (H = 32 comes last)",
     )
@@ -285,7 +293,10 @@ def main() -> None:
     # fla's chunk kernel warns on every float32 call that float32 is unsupported "on some
     # platforms"; the parity table is what says how well it does here.
     warnings.filterwarnings("ignore", message="ChunkDeltaRuleFunction does not support float32")
-    impls = implementations(args.dry_run)
+    paths = tuple(args.paths.split(","))
+    if unknown := set(paths) - set(PATHS):
+        parser.error(f"unknown --paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
+    impls = implementations(args.dry_run, paths)
     args.out.mkdir(parents=True, exist_ok=True)
     results = dict(environment=environment(device, args.dry_run))
 
