@@ -226,7 +226,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, number):
         assert a["tokens"] == b["tokens"]
     assert big[0]["loss"] != pytest.approx(big[-1]["loss"], rel=1e-6)  # the weights did move
     for name, weight in big_weights.items():
-        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-7, msg=name)
+        # Summing the gradients in another order moves float32 results by ~1e-7, which Adam's
+        # normalisation can carry into a weight; the steps themselves are ~1e-3.
+        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---- non-finite losses ----------------------------------------------------------------------------

@@ -113,8 +113,7 @@ def test_exported_folder_loads_back_to_continue_training(exported_dir, student_d
         torch.testing.assert_close(reloaded(IDS).logits, original(IDS).logits, rtol=0, atol=0)
     reloaded.select_trainable("all")
     reloaded(IDS).logits.mean().backward()
-    unused = {f"model.layers.0.self_attn.mixer.{name}" for name in ("v0", "v1", "v2")}  # layer 0 sets v_first
-    assert all((p.grad is None) == (name in unused) for name, p in reloaded.model.named_parameters())
+    assert all(p.grad is not None for p in reloaded.model.parameters())  # no dead weights
 
 
 def test_bf16_export_holds_bf16_weights(student_dir, tmp_path):

@@ -111,11 +111,11 @@ def _cache_of(kwargs: dict):
 class RWKVAttention(nn.Module):
     """A student time mixer in the teacher's attention slot, called as HF calls attention."""
 
-    def __init__(self, mixer: RWKV7TimeMixer, layer_idx: int, produces_v_first: bool, context: ForwardContext):
+    def __init__(self, mixer: RWKV7TimeMixer, layer_idx: int, context: ForwardContext):
         super().__init__()
         self.mixer = mixer
         self.layer_idx = layer_idx
-        self.produces_v_first = produces_v_first
+        self.produces_v_first = not mixer.config.value_residual
         # A plain attribute, not a submodule: shared by every converted layer of the model.
         self.__dict__["context"] = context
 
@@ -177,7 +177,7 @@ class AttentionWrapper(nn.Module):
 
 
 def build_mixer(teacher_attention: nn.Module, family: TeacherFamily, geometry: AttentionGeometry,
-                layer_idx: int, spec: ConversionSpec) -> RWKV7TimeMixer:
+                layer_idx: int, spec: ConversionSpec, value_residual: bool) -> RWKV7TimeMixer:
     head_size = geometry.head_dim if spec.head_size is None else spec.head_size
     config = TimeMixerConfig(
         hidden_size=geometry.hidden_size,
@@ -187,6 +187,7 @@ def build_mixer(teacher_attention: nn.Module, family: TeacherFamily, geometry: A
         num_layers=geometry.num_layers,
         bias=projection_biases(teacher_attention, family),
         qk_norm_eps=geometry.rms_norm_eps if family.qk_norms else None,
+        value_residual=value_residual,
     )
     reference = next(teacher_attention.parameters())
     mixer = RWKV7TimeMixer(config).to(device=reference.device, dtype=reference.dtype)
@@ -218,8 +219,8 @@ def build_students(model: nn.Module, family: TeacherFamily, geometry: AttentionG
                    context: ForwardContext) -> dict[int, RWKVAttention]:
     """One student per converted layer, built from the teacher attention in its slot (nothing swapped)."""
     decoder = decoder_layers(model)
-    return {i: RWKVAttention(build_mixer(attention_of(decoder[i], family), family, geometry, i, spec), i,
-                             produces_v_first=i == layers[0], context=context)
+    return {i: RWKVAttention(build_mixer(attention_of(decoder[i], family), family, geometry, i, spec,
+                                         value_residual=i != layers[0]), i, context)
             for i in layers}
 
 

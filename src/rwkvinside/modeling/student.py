@@ -25,7 +25,8 @@ from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
 
 METADATA_FILE = "rwkvinside.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+# 2: the first converted layer has no value-residual weights (v0, v1, v2): it produces v_first.
+FORMAT_VERSION = 2
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
@@ -88,9 +89,13 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         raise UserError(f"'{folder}' is not a student checkpoint (it needs {METADATA_FILE} and {WEIGHTS_FILE}); "
                         "give the folder a stage wrote (e.g. runs/<run>/stage1/student)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        metadata = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is corrupt (not JSON); re-run the stage that wrote it") from None
+    if metadata.get("format") != FORMAT_VERSION:
+        raise UserError(f"'{folder}' holds a student of format {metadata.get('format')}; this rwkvinside reads "
+                        f"format {FORMAT_VERSION}: re-run the stage that wrote it with this version")
+    return metadata
 
 
 def teacher_config(folder: Path):

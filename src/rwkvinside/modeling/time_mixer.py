@@ -44,6 +44,9 @@ class TimeMixerConfig:
     bias: tuple[bool, bool, bool, bool] = (False, False, False, False)  # r, k, v, o projections
     qk_norm_eps: float | None = None  # set for teachers with per-head q/k RMSNorm (Qwen3)
     norm_eps: float | None = None  # ln_x GroupNorm eps; None: head_size * 1e-5
+    # Step 5: mix the first converted layer's value (v_first) into this layer's. That layer itself
+    # has no value residual: its value is v_first.
+    value_residual: bool = False
 
     @property
     def attention_size(self) -> int:
@@ -91,8 +94,9 @@ class HeadRMSNorm(nn.Module):
 class RWKV7TimeMixer(nn.Module):
     """RWKV-7 time mixing for one layer.
 
-    forward(x, v_first, state) -> (output, v_first, state): the first converted layer is given
-    v_first=None and returns its own value as v_first; every later layer mixes it in (step 5).
+    forward(x, v_first, state) -> (output, v_first, state): the first converted layer
+    (value_residual=False) is given v_first=None and returns its own value as v_first; every later
+    layer (value_residual=True) is given it and mixes it in (step 5).
     """
 
     def __init__(self, config: TimeMixerConfig):
@@ -120,9 +124,10 @@ class RWKV7TimeMixer(nn.Module):
         self.a0 = nn.Parameter(torch.empty(A))
         self.a1 = nn.Parameter(torch.empty(C, config.rank("iclr")))
         self.a2 = nn.Parameter(torch.empty(config.rank("iclr"), A))
-        self.v0 = nn.Parameter(torch.empty(A))
-        self.v1 = nn.Parameter(torch.empty(C, config.rank("value")))
-        self.v2 = nn.Parameter(torch.empty(config.rank("value"), A))
+        if config.value_residual:
+            self.v0 = nn.Parameter(torch.empty(A))
+            self.v1 = nn.Parameter(torch.empty(C, config.rank("value")))
+            self.v2 = nn.Parameter(torch.empty(config.rank("value"), A))
         self.g1 = nn.Parameter(torch.empty(C, config.rank("gate")))
         self.g2 = nn.Parameter(torch.empty(config.rank("gate"), A))
         # Step 7: removal-key scale and replacement-key mixing; step 10: bonus.
@@ -157,11 +162,15 @@ class RWKV7TimeMixer(nn.Module):
         decay_speed = -6 + 6 * (n / max(A - 1, 1)).pow(1 + ratio_0_to_1**0.3)
         self.w0.copy_(decay_speed + 0.5 + zigzag * 2.5)
         self.a0.copy_(-0.19 + zigzag * 0.3 + linear * 0.4)
-        self.v0.copy_(0.73 - linear * 0.4)
+        if cfg.value_residual:
+            self.v0.copy_(0.73 - linear * 0.4)
         self.k_k.copy_(0.71 - linear * 0.1)
         self.k_a.fill_(1.02)
         self.r_k.fill_(-0.04)
-        for first, second in ((self.w1, self.w2), (self.a1, self.a2), (self.v1, self.v2), (self.g1, self.g2)):
+        low_rank = [(self.w1, self.w2), (self.a1, self.a2), (self.g1, self.g2)]
+        if cfg.value_residual:
+            low_rank.append((self.v1, self.v2))
+        for first, second in low_rank:
             first.zero_()
             nn.init.orthogonal_(second, gain=0.1)
 
@@ -214,10 +223,13 @@ class RWKV7TimeMixer(nn.Module):
         # Step 4: in-context learning rate.
         iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         # Step 5: value residual.
-        if v_first is None:
-            v_first = v
-        else:
+        if (v_first is None) == cfg.value_residual:
+            raise ValueError("a time mixer with value_residual=True needs v_first; the first converted "
+                             "layer (value_residual=False) produces it and takes None")
+        if cfg.value_residual:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        else:
+            v_first = v
         # Step 6: gate.
         gate = torch.sigmoid(xg @ self.g1) @ self.g2
         # Step 7: removal key (unit norm per head) and replacement key.
