@@ -145,6 +145,13 @@ def test_bad_checkpoints_are_one_line_errors(student_dir, build_teacher, tmp_pat
     assert "is corrupt or unreadable" in _cli_error(["export", "--checkpoint", str(corrupt),
                                                      "--output", str(tmp_path / "out")], capsys)
 
+    older = tmp_path / "older"
+    save_student(tiny_student(build_teacher), None, older, PROVENANCE)
+    metadata = json.loads((older / "rwkvinside.json").read_text())
+    (older / "rwkvinside.json").write_text(json.dumps(metadata | {"format": 1}))
+    assert "holds a student of format 1" in _cli_error(["export", "--checkpoint", str(older),
+                                                        "--output", str(tmp_path / "out")], capsys)
+
 
 def test_export_refuses_a_folder_holding_files(student_dir, exported_dir):
     with pytest.raises(UserError, match="already exists"):
