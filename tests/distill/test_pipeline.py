@@ -99,6 +99,13 @@ def test_stages_1_and_2_train_only_the_time_mixers(run12, inputs, number):
 
 # ---- stage plans ----------------------------------------------------------------------------------
 
+def test_eval_tokens_0_skips_every_perplexity(tmp_path, inputs):
+    output = tmp_path / "run"
+    assert cli.main(distill_args(inputs, output, "--stage", "1", "data.eval_tokens=0", steps=1)) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert "baseline" not in report and "student_ppl" not in report["stages"]["1"]
+
+
 def test_stage_2_needs_init_from(tmp_path, inputs, capsys):
     assert cli.main(distill_args(inputs, tmp_path / "out", "--stage", "2")) == 2
     assert "give --init-from" in error_line(capsys)

@@ -202,7 +202,8 @@ class Pipeline:
 
     def _baseline(self) -> None:
         """Held-out perplexity of the teacher and of the freshly converted student, for the report."""
-        if not self.config.data.eval or self.plan.stages[0] != 1 or "baseline" in self.report:
+        scores = self.config.data.eval and self.config.data.eval_tokens
+        if not scores or self.plan.stages[0] != 1 or "baseline" in self.report:
             return
         teacher = self.teachers.get(keep=True)
         tokenizer = self.teachers.tokenizer
