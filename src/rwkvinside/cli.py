@@ -45,7 +45,6 @@ def add_distill(commands) -> None:
     p.add_argument("--save-every", type=int, help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
-    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.set_defaults(handler=run_distill)
 
 
@@ -89,6 +88,9 @@ def run_distill(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkvinside", description="Turn a transformer LLM into an RWKV-7 model.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    # The `deepspeed` launcher puts --local_rank=N right after the module, before the command; the
+    # rank is read from LOCAL_RANK, which every launcher sets.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(commands)

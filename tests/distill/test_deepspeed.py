@@ -6,6 +6,7 @@ embeddings) included."""
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +63,22 @@ sys.exit(cli.main(sys.argv[3:]))
 
 
 def launch(tmp_path: Path, crash_before: int, args: list[str], nan_at: int = 0,
-             processes: int = 2) -> subprocess.CompletedProcess:
+           processes: int = 2) -> subprocess.CompletedProcess:
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER, encoding="utf-8")
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [sys.executable, *(launcher if processes > 1 else []), str(runner), str(crash_before), str(nan_at),
                "-q", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def deepspeed_launcher(args: list[str]) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 --module rwkvinside.cli ...`, as users launch it: the launcher adds
+    --local_rank=N before the command."""
+    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--module", "rwkvinside.cli",
+               "-q", *args]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun sets it; this launcher does not
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
 def per_step(output: Path, stage: int) -> list[tuple[int, float, int]]:
@@ -110,6 +120,7 @@ def test_two_processes_match_one(tmp_path, inputs, plain, zero_stage):
 
 
 def test_zero0_resumes_after_both_processes_die(tmp_path, inputs, plain):
+    """Killed under torchrun, resumed under the `deepspeed` launcher."""
     output = tmp_path / "ds"
     args = distill_args(inputs, output, "--stage", "1", "--batch-size", "1", "--save-every", "2",
                         "engine.kind=deepspeed", "engine.zero_stage=0", steps=STEPS)
@@ -118,7 +129,7 @@ def test_zero0_resumes_after_both_processes_die(tmp_path, inputs, plain):
     assert [s for s, _, _ in per_step(output, 1)] == [1, 2, 3]  # step 3 logged, its checkpoint never written
     assert (output / "stage1/checkpoints/step_000002").is_dir()
 
-    resumed = launch(tmp_path, 0, ["distill", "--output", str(output), "--resume"])
+    resumed = deepspeed_launcher(["distill", "--output", str(output), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
 
