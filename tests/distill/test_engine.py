@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rwkvinside.config import EngineConfig, TrainConfig
-from rwkvinside.distill.engine import deepspeed_config
+from rwkvinside.distill.engine import deepspeed_config, offloads_optimizer
 from rwkvinside.errors import UserError
 
 
@@ -32,6 +32,20 @@ def test_a_user_json_overrides_key_by_key(tmp_path):
                                            "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert config["gradient_clipping"] == 2.0
     assert config["train_micro_batch_size_per_gpu"] == TrainConfig().batch_size
+
+
+@pytest.mark.parametrize("ours, users, offloaded", [
+    (False, {}, False),
+    (True, {}, True),
+    (False, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, True),
+    (True, {"zero_optimization": {"offload_optimizer": {"device": "none"}}}, False),
+])
+def test_the_optimizer_is_offloaded_when_either_config_says_so(tmp_path, ours, users, offloaded):
+    """An offloaded optimizer must be DeepSpeed's CPU Adam (DeepSpeed refuses torch's AdamW there)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(users), encoding="utf-8")
+    engine = EngineConfig(kind="deepspeed", offload_optimizer=ours, deepspeed_config=str(path))
+    assert offloads_optimizer(deepspeed_config(TrainConfig(), engine, torch.float32)) == offloaded
 
 
 @pytest.mark.parametrize("content, message", [

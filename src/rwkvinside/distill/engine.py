@@ -151,7 +151,7 @@ class DeepSpeedEngine(Engine):
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         config = deepspeed_config(train, engine, dtype)
-        if engine.offload_optimizer:
+        if offloads_optimizer(config):
             # The optimizer steps on the CPU, where torch's AdamW would be the bottleneck (and
             # DeepSpeed refuses it): DeepSpeed's vectorised CPU Adam, in AdamW mode, built on first use.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -237,6 +237,12 @@ def deepspeed_config(train: TrainConfig, engine: EngineConfig, dtype: torch.dtyp
     if engine.deepspeed_config:
         config = _merge(config, read_deepspeed_json(engine.deepspeed_config))
     return config
+
+
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config (ours, or ours with the user's JSON on top) offloads the optimizer."""
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") != "none"
 
 
 def read_deepspeed_json(path: str) -> dict[str, Any]:
