@@ -73,9 +73,10 @@ def distill_terms(student_hidden: Tensor, labels: Tensor, student_head: nn.Modul
             None if teacher_hidden is None else teacher_hidden[:, piece],
             labels[:, piece], student_head, teacher_head, temperature,
             use_reentrant=False,
-            # Under DeepSpeed ZeRO-3 the recomputed head weight is a slice (shape [0]) once its
-            # forward has released it, and whole again when the head's backward gathers it, before
-            # it is used; torch's metadata check would reject the slice.
+            # Under DeepSpeed ZeRO-3 the head weight seen by the recomputation is an empty
+            # placeholder (shape [0]) once the head's forward has released it; the head's backward
+            # gathers it whole again before the weight is used. torch's metadata check would
+            # reject the placeholder.
             determinism_check="none",
         )
         totals = [total + term for total, term in zip(totals, terms)]
