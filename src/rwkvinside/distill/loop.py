@@ -108,7 +108,8 @@ class Trainer:
         self.engine.set_schedule(lr, weight_decay)
         batches = [self._micro_batch() for _ in range(self.train.grad_accum)]
         tokens = self.engine.all_reduce_sum(sum(self.stage.count_tokens(batch) for batch in batches))
-        weight = self.train.grad_accum * self.engine.world_size / tokens.clamp(min=1).float()
+        divisor = tokens.clamp(min=1).float()  # a step without targets trains nothing, divides by 1
+        weight = self.train.grad_accum * self.engine.world_size / divisor
         sums: dict[str, Tensor] = {}
         bad = False
         for batch in batches:
@@ -122,7 +123,7 @@ class Trainer:
                 sums[key] = sums.get(key, 0) + value.float()
         grad_norm = self.engine.optimizer_step(skip=bad)
         keys = sorted(sums)
-        totals = self.engine.all_reduce_sum(torch.stack([sums[key] for key in keys])) / tokens.clamp(min=1)
+        totals = self.engine.all_reduce_sum(torch.stack([sums[key] for key in keys])) / divisor
         record = {key: float(total) for key, total in zip(keys, totals)}
         record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm)
         record["tokens_in_step"] = int(tokens)

@@ -115,9 +115,13 @@ class RWKVAttention(nn.Module):
         super().__init__()
         self.mixer = mixer
         self.layer_idx = layer_idx
-        self.produces_v_first = not mixer.config.value_residual
         # A plain attribute, not a submodule: shared by every converted layer of the model.
         self.__dict__["context"] = context
+
+    @property
+    def produces_v_first(self) -> bool:
+        """The first converted layer: its mixer has no value residual, its value is v_first."""
+        return not self.mixer.config.value_residual
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
         context = self.context
