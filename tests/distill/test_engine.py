@@ -1,13 +1,17 @@
-"""The DeepSpeed configuration the engine builds from ours, and a user's JSON on top of it."""
+"""The engines: float32 master weights and skipped steps in one process; the DeepSpeed configuration
+built from ours, and a user's JSON on top of it."""
 
 import json
 
 import pytest
 import torch
+from torch import nn
 
 from rwkvinside.config import EngineConfig, TrainConfig
-from rwkvinside.distill.engine import deepspeed_config, offloads_optimizer
+from rwkvinside.distill.engine import PlainEngine, deepspeed_config, offloads_optimizer
 from rwkvinside.errors import UserError
+
+CPU = torch.device("cpu")
 
 
 def test_our_settings_become_deepspeed_settings():
@@ -62,3 +66,77 @@ def test_a_bad_user_json_is_a_user_error(tmp_path, content, message):
         path.write_text(content, encoding="utf-8")
     with pytest.raises(UserError, match=message):
         deepspeed_config(TrainConfig(), EngineConfig(kind="deepspeed", deepspeed_config=str(path)), torch.float32)
+
+
+# ---- float32 master weights ------------------------------------------------------------------------
+
+def bf16_weight() -> nn.Parameter:
+    return nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+
+
+def steps_of_unit_gradient(engine: PlainEngine, weight: nn.Parameter, steps: int, lr: float = 1e-4) -> None:
+    """`steps` AdamW steps whose gradient is 1 everywhere: each update is exactly lr in size."""
+    engine.set_schedule(lr, 0.0)
+    for _ in range(steps):
+        engine.backward(weight.float().sum())
+        norm, applied = engine.finish_step()
+        assert bool(applied) and float(norm) == pytest.approx(8.0)  # sqrt(64) ones
+
+
+def test_updates_below_the_bf16_spacing_accumulate_in_the_master_weights():
+    """At 1.0 a bf16 weight moves in steps of 2^-7: an update of 1e-4 rounds away when the bf16
+    weight is stepped itself, which is what happened to most stage-2 updates. The float32 master
+    weight keeps every update, and the model's weight follows it."""
+    weight = bf16_weight()
+    bare = torch.optim.AdamW([weight], lr=1e-4, weight_decay=0.0)
+    for _ in range(5):
+        weight.grad = torch.ones_like(weight)
+        bare.step()
+    assert torch.equal(weight, torch.ones_like(weight))  # the failure: five updates, nothing moved
+    weight.grad = None
+
+    engine = PlainEngine({"w": weight}, TrainConfig(grad_clip=0.0), CPU)
+    steps_of_unit_gradient(engine, weight, 100)
+    (master,) = engine.masters
+    assert master.dtype == torch.float32
+    torch.testing.assert_close(master, torch.full_like(master, 0.99), rtol=0, atol=1e-5)  # float32 rounding of 100 steps
+    assert torch.equal(weight, master.to(torch.bfloat16)) and not torch.equal(weight, torch.ones_like(weight))
+
+
+def test_a_float32_parameter_is_its_own_master_weight():
+    weight = nn.Parameter(torch.ones(64))
+    engine = PlainEngine({"w": weight}, TrainConfig(grad_clip=0.0), CPU)
+    assert engine.masters[0] is weight
+    steps_of_unit_gradient(engine, weight, 3)
+    torch.testing.assert_close(weight.detach(), torch.full((64,), 1 - 3e-4), rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_holds_the_master_weights_and_resumes_them_exactly(tmp_path):
+    weight = bf16_weight()
+    engine = PlainEngine({"w": weight}, TrainConfig(grad_clip=0.0), CPU)
+    steps_of_unit_gradient(engine, weight, 7)
+    engine.save(tmp_path)
+
+    restored_weight = bf16_weight()
+    restored = PlainEngine({"w": restored_weight}, TrainConfig(grad_clip=0.0), CPU)
+    restored.load(tmp_path)
+    assert torch.equal(restored.masters[0], engine.masters[0]) and torch.equal(restored_weight, weight)
+    steps_of_unit_gradient(engine, weight, 3)
+    steps_of_unit_gradient(restored, restored_weight, 3)
+    assert torch.equal(restored.masters[0], engine.masters[0])
+
+
+def test_a_checkpoint_of_other_parameters_is_refused(tmp_path):
+    engine = PlainEngine({"w": bf16_weight()}, TrainConfig(), CPU)
+    engine.save(tmp_path)
+    with pytest.raises(UserError, match="does not hold the trained parameters"):
+        PlainEngine({"v": bf16_weight()}, TrainConfig(), CPU).load(tmp_path)
+
+
+def test_clipping_scales_the_step_but_reports_the_norm_before_it():
+    weight = nn.Parameter(torch.zeros(4))
+    engine = PlainEngine({"w": weight}, TrainConfig(grad_clip=1.0), CPU)
+    engine.set_schedule(0.1, 0.0)
+    engine.backward((weight * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum())
+    norm, applied = engine.finish_step()
+    assert float(norm) == pytest.approx(5.0) and bool(applied)

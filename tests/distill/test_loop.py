@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rwkvinside.config import StageConfig, TrainConfig
+from rwkvinside.config import Config, StageConfig, TrainConfig
 from rwkvinside.distill import loop
 from rwkvinside.distill.engine import PlainEngine
 from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, schedule
@@ -70,12 +70,11 @@ def make_trainer(tmp_path, model, batches, step=regression_step, stage_config=No
                  **train) -> Trainer:
     stage_config = stage_config or StageConfig(lr=0.05, lr_final=0.005, warmup_steps=2, max_steps=6,
                                                weight_decay=0.1)
-    train_config = TrainConfig(**train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine = PlainEngine(model, params, train_config, CPU)
+    config = Config(train=TrainConfig(**train), stage1=stage_config)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    engine = PlainEngine(trainable, config.train, CPU)
     stage = Stage(1, "test", "text", aligns=False, needs_teacher=False, step=step, count_tokens=count_tokens)
-    return Trainer(stage, stage_config, train_config, model, None, batches, engine, params, tmp_path,
-                   SnapshotLog(tmp_path, model), save_every=0, keep_last=1)
+    return Trainer(stage, config, model, None, batches, engine, tmp_path, SnapshotLog(tmp_path, model))
 
 
 def regression_trainer(tmp_path, step=regression_step, stage_config=None, batch_size=4, **train) -> Trainer:
@@ -237,12 +236,12 @@ def test_a_nan_loss_skips_the_step_without_touching_weights_or_optimizer(tmp_pat
     trainer = regression_trainer(tmp_path, step=nan_on({3}))
     optimizer_state = {}
 
-    def after_step(skip=False, original=trainer.engine.optimizer_step):
-        norm = original(skip)
+    def after_step(original=trainer.engine.finish_step):
+        result = original()
         optimizer_state[len(optimizer_state) + 1] = copy.deepcopy(trainer.engine.optimizer.state_dict()["state"])
-        return norm
+        return result
 
-    trainer.engine.optimizer_step = after_step
+    trainer.engine.finish_step = after_step
     progress, records = run(trainer)
     weights = trainer.log.weights
     assert progress.step == 6 and progress.bad_steps == 0

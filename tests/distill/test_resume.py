@@ -128,15 +128,15 @@ def test_a_full_disk_mid_save_keeps_the_last_checkpoint(tmp_path, inputs, uninte
     saves = []
     save = PlainEngine.save
 
-    def fail_on_second_save(self, folder, trainable):
+    def fail_on_second_save(self, folder):
         saves.append(folder)
         if len(saves) == 2:  # step 4: part of the files written, then the disk is full
-            save(self, folder, trainable)
+            save(self, folder)
             (folder / "optimizer.pt").write_bytes((folder / "optimizer.pt").read_bytes()[:100])
             if failure == "torch_save":
                 torch_save_failure()
             raise FAILURES[failure]()
-        save(self, folder, trainable)
+        save(self, folder)
 
     monkeypatch.setattr(PlainEngine, "save", fail_on_second_save)
     output = tmp_path / "run"
@@ -158,7 +158,7 @@ def test_a_full_disk_mid_save_keeps_the_last_checkpoint(tmp_path, inputs, uninte
 
 
 def test_an_unrelated_error_while_saving_is_not_called_a_full_disk(tmp_path, inputs, monkeypatch):
-    def broken(self, folder, trainable):
+    def broken(self, folder):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(PlainEngine, "save", broken)

@@ -52,8 +52,7 @@ def checkpoints(stage_folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(stage_folder: Path, step: int, engine, trainable: dict[str, torch.Tensor],
-                    client_state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(stage_folder: Path, step: int, engine, client_state: dict[str, Any], keep_last: int) -> Path:
     """Write a checkpoint atomically (all ranks call this; rank 0 renames and prunes)."""
     root = stage_folder / CHECKPOINTS
     final = root / f"step_{step:06d}"
@@ -64,7 +63,7 @@ def save_checkpoint(stage_folder: Path, step: int, engine, trainable: dict[str, 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         engine.barrier()
-        engine.save(tmp, trainable)
+        engine.save(tmp)
         if engine.is_main:
             save_torch({**client_state, "rng": rng_state()}, tmp / "client_state.pt")
         engine.barrier()
@@ -84,9 +83,9 @@ def save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def load_checkpoint(folder: Path, engine, model: torch.nn.Module) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from `folder`; returns the client state."""
-    engine.load(folder, model)
+def load_checkpoint(folder: Path, engine) -> dict[str, Any]:
+    """Restore the trained weights, the optimizer and the RNG from `folder`; returns the client state."""
+    engine.load(folder)
     try:
         state = torch.load(folder / "client_state.pt", weights_only=True)
     except (OSError, RuntimeError) as error:

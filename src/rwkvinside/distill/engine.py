@@ -46,25 +46,26 @@ def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[train.dtype]
 
 
-def param_groups(params: list[nn.Parameter]) -> list[dict[str, Any]]:
+def param_groups(params: list[Tensor]) -> list[dict[str, Any]]:
     """Weight decay applies to matrices only, not to vectors (norms, biases, mixing vectors)."""
     matrices = [p for p in params if p.ndim >= 2]
     vectors = [p for p in params if p.ndim < 2]
     return [{"params": matrices, "decays": True}, {"params": vectors, "decays": False, "weight_decay": 0.0}]
 
 
-def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(params), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS,
-                             fused=device.type == "cuda")
+def make_optimizer(params: list[Tensor], device: torch.device) -> torch.optim.Optimizer:
+    """torch's fused AdamW (on the CPU too): one kernel for all parameters, and it honours
+    `found_inf`, which lets a step be skipped without reading anything back to the host."""
+    return torch.optim.AdamW(param_groups(params), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
 
 
 class Engine:
-    """The interface the loop uses: backward(loss) for every micro-batch, optimizer_step() once
-    per optimizer step. Subclasses own an optimizer over the trainable parameters."""
+    """What the loop uses: `backward(loss)` for every micro-batch, then `finish_step()` once per
+    optimizer step, which clips, steps (or skips a step whose loss or gradient is not finite) and
+    says what it did. Subclasses own the optimizer over the trainable parameters."""
 
     rank = 0
     world_size = 1
-    skips_nonfinite_steps = True  # False: a non-finite gradient may already have been applied
     device: torch.device
     optimizer: torch.optim.Optimizer
 
@@ -84,63 +85,89 @@ class Engine:
         pass
 
     def whole_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
-        """The state dict of `model.model` (the student's language model) for the main process to
-        save, where the model's own tensors are not whole; None where they are. Every process
-        calls it: gathering may be collective."""
+        """The student's state dict for the main process to save, where the model's own tensors are
+        not whole; None where they are. Every process calls it: gathering may be collective."""
         return None
 
 
 class PlainEngine(Engine):
-    """One process: torch AdamW, accumulation by loss scaling, global-norm clipping."""
+    """One process: AdamW over float32 master weights, accumulation by loss scaling, clipping.
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], train: TrainConfig, device: torch.device):
-        self.model = model
-        self.params = params
+    A bf16 weight keeps 8 bits of mantissa: an update below half its spacing (about 0.4% of the
+    weight) rounds away, which at stage 2's learning rates is most of them. So the optimizer steps a
+    float32 copy of every trained parameter that is not float32 already, and each step writes the
+    copy back into the model's weight; the model computes in its own dtype. Float32 parameters are
+    their own master weights.
+    """
+
+    def __init__(self, trainable: dict[str, nn.Parameter], train: TrainConfig, device: torch.device):
+        self.trainable = trainable
         self.device = device
         self.grad_accum = train.grad_accum
         self.grad_clip = train.grad_clip
-        self.optimizer = make_optimizer(params, device)
+        self.params = list(trainable.values())
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+        # The parameters that have a copy of their own, and those copies.
+        self.copied = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        self.optimizer = make_optimizer(self.masters, device)
+        self._losses_finite = torch.ones((), dtype=torch.bool, device=device)
 
     def backward(self, loss: Tensor) -> None:
+        self._losses_finite &= torch.isfinite(loss.detach())
         (loss / self.grad_accum).backward()
 
-    def optimizer_step(self, skip: bool = False) -> float:
-        """Clip, step and zero the gradients; returns the gradient norm before clipping. With `skip`
-        (a non-finite loss in this step) neither the weights nor the optimizer state change."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        if torch.isfinite(norm) and not skip:  # a non-finite gradient never reaches the weights
-            self.optimizer.step()
+    def finish_step(self) -> tuple[Tensor, Tensor]:
+        """Clip and step; returns (gradient norm before clipping, whether the step was applied), both
+        on the device. A step with a non-finite loss or gradient changes neither the weights nor the
+        optimizer state: fused AdamW skips itself on `found_inf`, with no sync to the host."""
+        for param, master in self.copied:
+            master.grad = None if param.grad is None else param.grad.float()
+            param.grad = None
+        stepped = [m for m in self.masters if m.grad is not None]
+        norm = (torch.nn.utils.get_total_norm([m.grad for m in stepped]) if stepped
+                else torch.zeros((), device=self.device))
+        applied = torch.isfinite(norm) & self._losses_finite
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(stepped, self.grad_clip, norm)
+        self.optimizer.found_inf = (~applied).float()
+        self.optimizer.step()
+        if self.copied:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in self.copied], [m for _, m in self.copied])
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        self._losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        return norm, applied
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def save(self, folder: Path, trainable: dict[str, Tensor]) -> None:
+    def save(self, folder: Path) -> None:
+        """The master weights (float32: what resuming needs to continue exactly) and the optimizer."""
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, folder / "trainable.safetensors")
+        save_file({name: master.detach().contiguous().cpu() for name, master in zip(self.trainable, self.masters)},
+                  folder / "trainable.safetensors")
         save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
 
-    def load(self, folder: Path, model: nn.Module) -> None:
+    def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
         state = load_file(folder / "trainable.safetensors", device=str(self.device))
-        missing = set(state) - set(dict(model.named_parameters()))
-        if missing:
-            raise UserError(f"checkpoint {folder} holds unknown parameters (e.g. {sorted(missing)[0]}); "
-                            "it was written by a different conversion; resume with the same config")
-        model.load_state_dict(state, strict=False)
+        if set(state) != set(self.trainable):
+            unknown = sorted(set(state) ^ set(self.trainable))[0]
+            raise UserError(f"checkpoint {folder} does not hold the trained parameters of this stage (e.g. "
+                            f"{unknown}); it was written by a different conversion; resume with the same config")
+        with torch.no_grad():
+            for name, param, master in zip(self.trainable, self.params, self.masters):
+                master.copy_(state[name])
+                if master is not param:
+                    param.copy_(master)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed: ZeRO 0-3 over NCCL (GPU) or gloo (CPU), bf16 on GPU, optional CPU offload."""
+    """DeepSpeed: ZeRO 0-3 over NCCL (GPU) or gloo (CPU), bf16 on GPU (with DeepSpeed's own float32
+    master weights), optional CPU offload."""
 
-    skips_nonfinite_steps = False
-
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], train: TrainConfig,
+    def __init__(self, model: nn.Module, trainable: dict[str, nn.Parameter], train: TrainConfig,
                  engine: EngineConfig, device: torch.device, dtype: torch.dtype):
         try:
             import deepspeed
@@ -151,6 +178,7 @@ class DeepSpeedEngine(Engine):
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         config = deepspeed_config(train, engine, dtype)
+        params = list(trainable.values())
         if offloads_optimizer(config):
             # The optimizer steps on the CPU, where torch's AdamW would be the bottleneck (and
             # DeepSpeed refuses it): DeepSpeed's vectorised CPU Adam, in AdamW mode, built on first use.
@@ -163,26 +191,41 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, model_parameters=None)
         self.params = params
-        self._norm: float | None = None  # measured here where DeepSpeed does not report it (ZeRO 0)
+        self._norm: Tensor | None = None  # measured here where DeepSpeed does not report it (ZeRO 0)
+        self._skipping = False
 
     def backward(self, loss: Tensor) -> None:
+        """DeepSpeed steps inside the boundary micro-batch's step(), before finish_step: whether this
+        optimizer step may apply must be known then, on every process alike. A step with a non-finite
+        loss anywhere runs with learning rate and weight decay 0 and back-propagates an exact zero
+        that touches every parameter (keeping the processes' collectives in step) instead."""
+        finite = bool(self.all_reduce_sum(torch.isfinite(loss.detach()).float()) == self.world_size)
+        if not finite and not self._skipping:
+            self._skipping = True
+            self.set_schedule(0.0, 0.0)
         # DeepSpeed scales by the accumulation steps itself, and its step() must follow every
         # micro-batch's backward: it steps the optimizer only at the accumulation boundary.
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
+        self.engine.backward(loss if finite else sum(p.sum() for p in self.params) * 0.0)
         if boundary and self.engine.zero_optimization_stage() == 0:
             # the gradients are averaged over the ranks now, and step() clears them
             grads = [p.grad for p in self.params if p.grad is not None]
-            self._norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            self._norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.engine.step()
 
-    def optimizer_step(self, skip: bool = False) -> float:
-        """The optimizer already stepped in the boundary micro-batch's backward() (for a skipped
-        step with learning rate and weight decay 0, see Trainer.step); report the norm."""
+    def finish_step(self) -> tuple[Tensor, Tensor]:
+        """The optimizer stepped in the boundary micro-batch's backward(); report the norm and whether
+        the step applied. A non-finite gradient from finite losses has been applied by then, so the
+        weights cannot be trusted: that ends the run."""
         norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            norm = self._norm
-        return float(norm) if norm is not None else float("nan")
+        norm = self._norm if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.device)
+        norm = torch.full((), float("nan"), device=self.device) if norm is None else norm
+        applied = not self._skipping
+        self._skipping = False
+        if applied and not torch.isfinite(norm):
+            raise UserError("the gradient norm was NaN/inf and DeepSpeed applied the step; resume from "
+                            "the last checkpoint with a lower learning rate")
+        return norm, torch.tensor(applied, device=self.device)
 
     def all_reduce_sum(self, value: Tensor) -> Tensor:
         value = value.detach().clone()
@@ -202,13 +245,20 @@ class DeepSpeedEngine(Engine):
             return None
         return {name.removeprefix("model."): tensor for name, tensor in state.items() if name.startswith("model.")}
 
-    def save(self, folder: Path, trainable: dict[str, Tensor]) -> None:
+    def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
 
-    def load(self, folder: Path, model: nn.Module) -> None:
+    def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False)
         if path is None:
             raise UserError(f"no DeepSpeed state in {folder}; it was written by another engine")
+
+
+def make_engine(model: nn.Module, trainable: dict[str, nn.Parameter], train: TrainConfig, engine: EngineConfig,
+                device: torch.device, dtype: torch.dtype) -> Engine:
+    if engine.kind == "deepspeed":
+        return DeepSpeedEngine(model, trainable, train, engine, device, dtype)
+    return PlainEngine(trainable, train, device)
 
 
 def leave_process_group() -> None:

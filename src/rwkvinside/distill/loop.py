@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rwkvinside.config import StageConfig, TrainConfig
+from rwkvinside.config import Config, StageConfig
 from rwkvinside.distill.checkpoint import save_checkpoint
+from rwkvinside.distill.engine import Engine
 from rwkvinside.distill.metrics import RunLog
 from rwkvinside.distill.stages import Stage
 from rwkvinside.errors import UserError
-from rwkvinside.modeling.hybrid import HybridModel
 
 logger = logging.getLogger(__name__)
 
@@ -66,34 +66,28 @@ def schedule(progress: Progress, stage: StageConfig) -> tuple[float, float]:
     return lr, weight_decay
 
 
-def _zero_loss(params: list[nn.Parameter]) -> Tensor:
-    """A loss of exactly zero that still touches every trainable parameter: it keeps every process
-    and DeepSpeed's accumulation in step when a micro-batch's real loss is not finite."""
-    return sum(p.sum() for p in params) * 0.0
-
-
 class Trainer:
-    """Runs one stage's optimisation until its budget is spent."""
+    """Runs one stage's optimisation until its budget is spent.
 
-    def __init__(self, stage: Stage, stage_config: StageConfig, train: TrainConfig, model: HybridModel,
-                 teacher: nn.Module | None, batches: Iterator[dict[str, Tensor]], engine, params: list[nn.Parameter],
-                 folder: Path, log: RunLog, save_every: int, keep_last: int, loader_state=None):
+    loader: an endless iterator of batches; its `state_dict()`, where it has one, is the data cursor
+    a checkpoint saves.
+    """
+
+    def __init__(self, stage: Stage, config: Config, model: nn.Module, teacher: nn.Module | None,
+                 loader: Iterator[dict[str, Tensor]], engine: Engine, folder: Path, log: RunLog):
         self.stage = stage
-        self.stage_config = stage_config
-        self.train = train
+        self.stage_config = config.stage(stage.number)
+        self.train = config.train
+        self.checkpointing = config.checkpoint
         self.model = model
         self.teacher = teacher
-        self.batches = batches
+        self.loader = loader
         self.engine = engine
-        self.params = params
         self.folder = folder
         self.log = log
-        self.save_every = save_every
-        self.keep_last = keep_last
-        self.loader_state = loader_state  # callable returning the data cursor for checkpoints
 
     def _micro_batch(self) -> dict[str, Tensor]:
-        batch = next(self.batches)
+        batch = next(self.loader)
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def step(self, progress: Progress) -> dict[str, float]:
@@ -102,7 +96,8 @@ class Trainer:
         The loss is the mean over the step's trained tokens, on every process and in every
         micro-batch together: micro-batches (or processes) with more targets weigh more, as they
         would in one big batch. The engines average gradients over micro-batches and processes;
-        `weight` turns that average into the mean over the step's tokens.
+        `weight` turns that average into the mean over the step's tokens. Nothing is read back to
+        the host until the step is done, and then everything at once.
         """
         lr, weight_decay = schedule(progress, self.stage_config)
         self.engine.set_schedule(lr, weight_decay)
@@ -111,23 +106,19 @@ class Trainer:
         divisor = tokens.clamp(min=1).float()  # a step without targets trains nothing, divides by 1
         weight = self.train.grad_accum * self.engine.world_size / divisor
         sums: dict[str, Tensor] = {}
-        bad = False
         for batch in batches:
             out = self.stage.step(self.model, self.teacher, batch, self.stage_config, self.train.loss_chunk)
-            finite = self.engine.all_reduce_sum(torch.isfinite(out.loss.detach()).float()) == self.engine.world_size
-            if not finite:
-                bad = True
-                self.engine.set_schedule(0.0, 0.0)  # nothing of this step may reach the weights
-            self.engine.backward(out.loss * weight if finite else _zero_loss(self.params))
+            self.engine.backward(out.loss * weight)
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[key] = sums.get(key, 0) + value.float()
-        grad_norm = self.engine.optimizer_step(skip=bad)
+        grad_norm, applied = self.engine.finish_step()
         keys = sorted(sums)
         totals = self.engine.all_reduce_sum(torch.stack([sums[key] for key in keys])) / divisor
-        record = {key: float(total) for key, total in zip(keys, totals)}
-        record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm)
-        record["tokens_in_step"] = int(tokens)
-        record["bad"] = bad or not math.isfinite(grad_norm)
+        read = torch.cat([totals.double(), torch.stack([grad_norm, applied, tokens]).double()]).tolist()
+        record = dict(zip(keys, read))
+        grad_norm, applied, tokens = read[len(keys):]
+        record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm,
+                      tokens_in_step=int(tokens), applied=bool(applied))
         return record
 
     def run(self, progress: Progress) -> Progress:
@@ -136,7 +127,7 @@ class Trainer:
         while budget_fraction(progress, self.stage_config) < 1.0:
             started = time.monotonic()
             record = self.step(progress)
-            if record.pop("bad"):
+            if not record.pop("applied"):
                 progress.bad_steps += 1
                 logger.warning("step %d: loss or gradient not finite (%d in a row); step skipped",
                                record["step"], progress.bad_steps)
@@ -145,10 +136,6 @@ class Trainer:
                         f"the loss was NaN/inf for {progress.bad_steps} steps in a row (stage {self.stage.number}, "
                         f"step {record['step']}); lower the learning rate or check the data; the last "
                         "checkpoint is intact")
-                if not math.isfinite(record["grad_norm"]) and not self.engine.skips_nonfinite_steps:
-                    # DeepSpeed has already applied that step: the weights cannot be trusted.
-                    raise UserError("the gradient norm was NaN/inf and DeepSpeed applied the step; resume from "
-                                    "the last checkpoint with a lower learning rate")
             else:
                 progress.bad_steps = 0
             progress.step = record["step"]
@@ -160,13 +147,13 @@ class Trainer:
             spent = budget_fraction(progress, self.stage_config)
             remaining = progress.elapsed * (1 - spent) / spent if spent > 0 else None
             self.log.write(record, remaining)
-            if self.save_every and progress.step - last_save >= self.save_every:
+            every = self.checkpointing.save_every
+            if every and progress.step - last_save >= every:
                 self.save(progress)
                 last_save = progress.step
         return progress
 
     def save(self, progress: Progress) -> Path:
-        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        client_state = {"progress": asdict(progress),
-                        "data": self.loader_state() if self.loader_state else None}
-        return save_checkpoint(self.folder, progress.step, self.engine, trainable, client_state, self.keep_last)
+        state_dict = getattr(self.loader, "state_dict", None)
+        client_state = {"progress": asdict(progress), "data": state_dict() if state_dict else None}
+        return save_checkpoint(self.folder, progress.step, self.engine, client_state, self.checkpointing.keep_last)

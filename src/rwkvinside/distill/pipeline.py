@@ -31,8 +31,8 @@ from rwkvinside.config import Config, load_config, save_config
 from rwkvinside.data import DataConfig as LoaderConfig
 from rwkvinside.data import build_train_loader, heldout_batches, resolve_sources
 from rwkvinside.distill.checkpoint import checkpoints, load_checkpoint
-from rwkvinside.distill.engine import (DeepSpeedEngine, PlainEngine, launched_world, leave_process_group,
-                                       read_deepspeed_json, resolve_device, resolve_dtype)
+from rwkvinside.distill.engine import (launched_world, leave_process_group, make_engine, read_deepspeed_json,
+                                       resolve_device, resolve_dtype)
 from rwkvinside.distill.loop import Progress, Trainer
 from rwkvinside.distill.metrics import RunLog, plot_alignment, read_log
 from rwkvinside.distill.stages import STAGES, Stage
@@ -249,25 +249,22 @@ class Pipeline:
             return student_folder
         logger.info("stage %d: %s", number, stage.name)
         model, tokenizer, teacher = self._build(stage, previous)
-        params = model.select_trainable(stage_config.trainable)
+        model.select_trainable(stage_config.trainable)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if self.config.train.activation_checkpointing:
             model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loader = loader_for(stage, self.config, tokenizer, self.rank, self.world_size)
-        engine = (DeepSpeedEngine(model, params, self.config.train, self.config.engine, self.device, self.dtype)
-                  if self.config.engine.kind == "deepspeed" else
-                  PlainEngine(model, params, self.config.train, self.device))
+        engine = make_engine(model, trainable, self.config.train, self.config.engine, self.device, self.dtype)
         progress = Progress()
         saved = checkpoints(folder) if self.resume else []
         if saved:
-            state = load_checkpoint(saved[-1], engine, model)
+            state = load_checkpoint(saved[-1], engine)
             progress = Progress(**state["progress"])
             loader.load_state_dict(state["data"])
             logger.info("resuming stage %d from %s (step %d)", number, saved[-1], progress.step)
         log = RunLog(folder if self.is_main else None, f"stage{number}", stage_config.max_steps or None,
                      self.config.log.progress, self.config.log.tensorboard, initial_step=progress.step)
-        trainer = Trainer(stage, stage_config, self.config.train, model, teacher, loader, engine, params, folder, log,
-                          self.config.checkpoint.save_every, self.config.checkpoint.keep_last,
-                          loader_state=loader.state_dict)
+        trainer = Trainer(stage, self.config, model, teacher, loader, engine, folder, log)
         try:
             progress = trainer.run(progress)
         finally:
