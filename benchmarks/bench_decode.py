@@ -23,7 +23,6 @@ the table last.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
+from rwkvinside.modeling.convert import ConversionSpec, convert
+from rwkvinside.modeling.student import RWKVInsideForCausalLM
 from rwkvinside.modeling.loading import load_teacher
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentLayer
 
@@ -58,7 +58,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="timed decoding steps per run")
     p.add_argument("--keep-attention", type=int, nargs="*", default=[], metavar="LAYER",
                    help="layers the student keeps as softmax attention (default: none)")
-    p.add_argument("--cuda-graph", action="store_true", help="also time the student's step as a CUDA graph")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time the student's bare step replayed as a CUDA graph, outside `generate`")
+    p.add_argument("--student-context", type=int, default=0,
+                   help="prompt the student with only the last N tokens (its cost per token does not depend on "
+                        "the context: its state has one size; this skips its long prefills)")
+    p.add_argument("--teacher-static", action="store_true",
+                   help="the teacher decodes with transformers' static cache (its fastest standard path)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="output folder")
     p.add_argument("--dry-run", action="store_true",
@@ -99,7 +105,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float | None, Any]:
+def time_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                  **options: Any) -> tuple[float, float | None, Any]:
     """(seconds, peak GB or None on the CPU, final cache) of one greedy `generate` of exactly new_tokens."""
     device = prompt.device
     _sync(device)
@@ -108,24 +115,24 @@ def time_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tu
     start = time.perf_counter()
     output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0,
-                            return_dict_in_generate=True)
+                            return_dict_in_generate=True, **options)
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return seconds, peak, getattr(output, CACHE_KEYWORD)
 
 
-def measure(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict[str, float | None]:
+def measure(model: nn.Module, prompt: torch.Tensor, steps: int, **options: Any) -> dict[str, float | None]:
     """ms per decoded token (prefill cancelled out), peak memory and cache size at this prompt shape."""
-    time_generate(model, prompt, FIRST_TOKENS)  # warm-up: compilation and autotuning for these shapes
-    short, _, _ = time_generate(model, prompt, FIRST_TOKENS)
-    long, peak, cache = time_generate(model, prompt, FIRST_TOKENS + steps)
+    time_generate(model, prompt, FIRST_TOKENS, **options)  # warm-up: compilation and autotuning for these shapes
+    short, _, _ = time_generate(model, prompt, FIRST_TOKENS, **options)
+    long, peak, cache = time_generate(model, prompt, FIRST_TOKENS + steps, **options)
     return {"ms_per_token": 1e3 * (long - short) / steps, "peak_gb": peak, "cache_mb": cache_megabytes(cache),
             "prefill_s": short}
 
 
 @torch.no_grad()
-def graphed_step_ms(student: HybridModel, prompt: torch.Tensor, steps: int) -> float:
+def graphed_step_ms(student: RWKVInsideForCausalLM, prompt: torch.Tensor, steps: int) -> float:
     """ms per decoding step with the student's step captured in a CUDA graph.
 
     The step reads the states from fixed buffers and copies its new states back into them, so that
@@ -163,14 +170,17 @@ def graphed_step_ms(student: HybridModel, prompt: torch.Tensor, steps: int) -> f
     return 1e3 * (time.perf_counter() - start) / steps
 
 
-def run_config(teacher: nn.Module, student: HybridModel, context: int, batch: int, args: argparse.Namespace,
+def run_config(teacher: nn.Module, student: RWKVInsideForCausalLM, context: int, batch: int, args: argparse.Namespace,
                device: torch.device) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(context + batch)
     prompt = torch.randint(1, teacher.config.vocab_size, (batch, context), generator=generator).to(device)
     row: dict[str, Any] = {"context": context, "batch": batch}
-    for name, model in (("teacher", teacher), ("student", student)):
+    teacher_options = {"cache_implementation": "static"} if args.teacher_static else {}
+    student_prompt = prompt[:, -args.student_context:] if args.student_context else prompt
+    for name, model, options, ids in (("teacher", teacher, teacher_options, prompt),
+                                      ("student", student, {}, student_prompt)):
         try:
-            row[name] = measure(model, prompt, args.steps)
+            row[name] = measure(model, ids, args.steps, **options)
         except torch.cuda.OutOfMemoryError:
             logger.warning("%s: out of memory at context %d, batch %d", name, context, batch)
             row[name] = None
@@ -219,7 +229,7 @@ def main() -> None:
     teacher.config.use_cache = True
     layers = [i for i in range(teacher.config.num_hidden_layers) if i not in set(args.keep_attention)]
     spec = ConversionSpec(layers=tuple(layers), init="rwkv")
-    student = HybridModel(copy.deepcopy(teacher), spec, align=False)
+    student = convert(teacher, spec)
     student.eval()
 
     with torch.no_grad():

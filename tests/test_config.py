@@ -20,6 +20,9 @@ OVERRIDES = {
     "convert.layers": ("[0, 2, 5]", [0, 2, 5]),
     "convert.head_size": ("32", 32),
     "convert.init": ("rwkv", "rwkv"),
+    "convert.untie_embeddings": ("true", True),
+    "convert.keep_attention": ("8", 8),
+    "convert.keep_criterion": ("alignment", "alignment"),
     "data.train": ("[a.txt, b/]", ["a.txt", "b/"]),
     "data.chat": ("chat.jsonl", ["chat.jsonl"]),  # a single path where a list is expected
     "data.eval": ("[held.txt]", ["held.txt"]),
@@ -60,6 +63,8 @@ STAGE_OVERRIDES = {
     "kl_weight": ("0.5", 0.5),
     "ce_weight": ("2", 2.0),
     "temperature": ("2.0", 2.0),
+    "alignment_loss": ("mse", "mse"),
+    "teacher_lr_scale": ("0.1", 0.1),
 }
 for _number in STAGE_DEFAULTS:
     OVERRIDES |= {f"stage{_number}.{key}": case for key, case in STAGE_OVERRIDES.items()}

@@ -1,6 +1,7 @@
-"""The `rwkvinside` command line: distill | export | generate | chat | eval.
+"""The `rwkvinside` command line: distill | export | generate | chat | eval | synth.
 
-Problems a user can fix end as one line on stderr and exit status 2, never a traceback.
+Problems a user can fix end as one line on stderr and exit status 2, never a traceback: a bad or
+out-of-range argument too.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from rwkvinside.config import looks_like_override, number_type
 from rwkvinside.errors import UserError
 from rwkvinside.evaluation.cli import add_eval
 from rwkvinside.export.cli import add_export
-from rwkvinside.generation.cli import add_chat, add_generate
+from rwkvinside.generation.cli import add_chat, add_generate, add_synth
 
 logger = logging.getLogger("rwkvinside")
 
@@ -23,26 +25,29 @@ Distil a teacher into an RWKV-7 student: stage 1 aligns each converted attention
 the teacher's logits (KL), stage 3 fine-tunes on chat data. With no arguments: the embedded demo
 (SmolLM2-135M-Instruct on Shakespeare, stages 1 and 2, on the CPU in minutes).
 
-Any config key can be overridden as KEY=VALUE, e.g. stage1.lr=5e-4 train.grad_accum=4.
+Any config key can be overridden as SECTION.KEY=VALUE, e.g. stage1.lr=5e-4 train.grad_accum=4,
+anywhere on the command line (also after --data). A budget given so (stage1.max_time=140) replaces
+the stage's budget from the config file.
 """
 
 
 def add_distill(commands) -> None:
     p = commands.add_parser("distill", help="train a student (stages 1-3)", description=DISTILL_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.lr=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. stage2.lr=1e-4")
     p.add_argument("--config", help="YAML config file (default: the embedded demo, configs/demo.yaml)")
     p.add_argument("--teacher", help="local HF folder, .gguf file, or 'smollm2-135m' (the embedded teacher)")
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="training text: .txt/.jsonl/.parquet files, folders, HF datasets folders, globs")
     p.add_argument("--stage", default="all", help="1, 2, 3 or all (1 -> 2 -> 3; 3 only with chat data)")
     p.add_argument("--output", help="run folder (default: a new runs/<start time>)")
-    p.add_argument("--init-from", help="student folder of an earlier stage to start stage 2 or 3 from")
-    p.add_argument("--max-steps", type=int, help="optimizer steps per stage")
-    p.add_argument("--max-tokens", type=int, help="trained tokens per stage")
-    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
-    p.add_argument("--save-every", type=int, help="optimizer steps between checkpoints")
+    p.add_argument("--init-from", help="the run folder (its last stage's student) or student folder of an "
+                                       "earlier stage to start stage 2 or 3 from")
+    p.add_argument("--max-steps", type=number_type(int, minimum=1), help="optimizer steps per stage")
+    p.add_argument("--max-tokens", type=number_type(int, minimum=1), help="trained tokens per stage")
+    p.add_argument("--seq-len", type=number_type(int, minimum=2), help="tokens per training sequence")
+    p.add_argument("--batch-size", type=number_type(int, minimum=1), help="sequences per micro-batch per process")
+    p.add_argument("--save-every", type=number_type(int, minimum=0), help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.set_defaults(handler=run_distill)
@@ -85,9 +90,17 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block), as every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"rwkvinside: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rwkvinside", description="Turn a transformer LLM into an RWKV-7 model.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser = Parser(prog="rwkvinside", description="Turn a transformer LLM into an RWKV-7 model.")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only errors and the final summary: no progress bars, no info lines")
     # The `deepspeed` launcher puts --local_rank=N right after the module, before the command; the
     # rank is read from LOCAL_RANK, which every launcher sets.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -97,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable] = [add_distill, add_export, add_generate, add_chat, add_eval]
+COMMANDS: list[Callable] = [add_distill, add_export, add_generate, add_chat, add_eval, add_synth]
 
 
 def setup_logging(quiet: bool) -> None:
@@ -113,8 +126,22 @@ def setup_logging(quiet: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments for argparse, the `section.key=value` overrides of `distill` wherever they stand):
+    argparse alone would read one after --data as a data path, and refuse one before an option."""
+    command = next((i for i, arg in enumerate(argv) if arg == "distill"), None)
+    if command is None:
+        return argv, []
+    rest = argv[command + 1:]
+    overrides = [arg for arg in rest if looks_like_override(arg)]
+    return argv[:command + 1] + [arg for arg in rest if not looks_like_override(arg)], overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if args.command == "distill":
+        args.overrides = overrides + args.overrides
     setup_logging(args.quiet)
     try:
         return args.handler(args)

@@ -11,6 +11,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,13 @@ import yaml
 from rwkvinside.errors import UserError
 
 STAGES = (1, 2, 3)
-TRAINABLE = ("mixers", "all_but_mlp", "all")
+TRAINABLE = ("mixers", "all_but_mlp", "all")  # what a stage trains (modeling.alignment.select_trainable)
+INITIALISATIONS = ("teacher", "teacher_copy", "rwkv")  # how the time mixers start (modeling.convert)
+KEEP_CRITERIA = ("kl", "alignment")  # how stage 1 judges the layers to keep as attention
+ALIGNMENT_LOSSES = ("relative", "mse")  # stage 1's per-layer loss
 BUDGETS = ("max_steps", "max_tokens", "max_time")
+# Our dtype names, and the names torch and lm-eval give the same dtypes.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -34,16 +40,47 @@ class TeacherConfig:
 class ConvertConfig:
     layers: list[int] | None = None  # decoder layers to convert; None: all
     head_size: int | None = None  # None: the teacher's head_dim
-    init: str = "teacher"  # "teacher" (r,k,v,o from q,k,v,o) or "rwkv"
+    # "teacher": r,k,v,o from q,k,v,o, and what they see at step 0 as the teacher's (no token shift,
+    # gate 1, each layer its own value); "teacher_copy": the copies alone, the rest RWKV-7's
+    # initialisation; "rwkv": RWKV-7's initialisation throughout
+    init: str = "teacher"
+    untie_embeddings: bool = False  # give a student of a tied teacher an LM head of its own
+    # After stage 1, the N converted layers judged worst go back to the teacher's attention for the
+    # later stages (never the first converted layer: it makes v_first). Judged by "kl": the KL
+    # increase when only that layer is the student's; or by "alignment": its final stage-1 loss.
+    keep_attention: int = 0
+    keep_criterion: str = "kl"
 
     def __post_init__(self):
-        if self.init not in ("teacher", "rwkv"):
-            raise ValueError(f"convert.init must be 'teacher' or 'rwkv', not '{self.init}'")
+        if self.init not in INITIALISATIONS:
+            raise ValueError(f"convert.init must be one of {', '.join(INITIALISATIONS)}, not '{self.init}'")
+        if self.keep_attention < 0:
+            raise ValueError(f"convert.keep_attention must be >= 0, not {self.keep_attention}")
+        if self.keep_criterion not in KEEP_CRITERIA:
+            raise ValueError(f"convert.keep_criterion must be one of {', '.join(KEEP_CRITERIA)}, "
+                             f"not '{self.keep_criterion}'")
+
+
+@dataclass
+class WeightedPath:
+    """An entry of data.train with a weight, `{path: synth/, weight: 2}`: each packed window of the
+    path appears `weight` times per epoch (2: twice; 0.5: a random half of them, drawn anew each
+    epoch; data/build.py). A plain path has weight 1."""
+
+    path: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("an entry with a weight needs a path: {path: ..., weight: ...}")
+        if self.weight <= 0:
+            raise ValueError(f"the weight of '{self.path}' must be > 0, not {self.weight}")
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # text corpora for stages 1-2 (files or folders)
+    # text corpora for stages 1-2 (files or folders), each a path or {path: ..., weight: ...}
+    train: list[str | WeightedPath] = field(default_factory=list)
     chat: list[str] = field(default_factory=list)  # chat data for stage 3 (JSONL/Parquet `messages`)
     eval: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 512  # tokens per training sequence
@@ -57,6 +94,16 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be at least 2, not {self.seq_len}")
         if self.eval_tokens < 0:
             raise ValueError("data.eval_tokens must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be at least 1, not {self.shuffle_buffer}")
+        if self.streaming and any(weight != 1 for _, weight in train_entries(self.train)):
+            raise ValueError("weights in data.train need data.streaming false: a stream is read once per "
+                             "epoch in file order, so a weight could only repeat a window next to itself")
+
+
+def train_entries(entries: list[str | WeightedPath]) -> list[tuple[str, float]]:
+    """(path, weight) of each entry of data.train."""
+    return [(entry, 1.0) if isinstance(entry, str) else (entry.path, entry.weight) for entry in entries]
 
 
 @dataclass
@@ -77,6 +124,12 @@ class StageConfig:
     kl_weight: float = 1.0  # stage 2: weight of KL(teacher || student)
     ce_weight: float = 0.0  # stage 2: weight of the student's cross-entropy (stage 3 always uses CE)
     temperature: float = 1.0  # stage 2: softening of both distributions; the KL is scaled by T^2
+    # stage 1: "relative": each token's squared error over the squared norm of the teacher's output
+    # there, so that every layer counts alike; "mse": plain (deep layers' large outputs dominate)
+    alignment_loss: str = "relative"
+    # the learning rate of the weights the student took over from the teacher (embeddings, MLPs,
+    # norms, kept attention) as a fraction of `lr`; the time mixers train at `lr` itself
+    teacher_lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE:
@@ -91,6 +144,11 @@ class StageConfig:
             raise ValueError(f"temperature must be > 0, not {self.temperature}")
         if self.kl_weight < 0 or self.ce_weight < 0:
             raise ValueError("kl_weight and ce_weight must be >= 0")
+        if self.alignment_loss not in ALIGNMENT_LOSSES:
+            raise ValueError(f"alignment_loss must be one of {', '.join(ALIGNMENT_LOSSES)}, "
+                             f"not '{self.alignment_loss}'")
+        if self.teacher_lr_scale < 0:
+            raise ValueError(f"teacher_lr_scale must be >= 0, not {self.teacher_lr_scale}")
 
 
 def _stage1() -> StageConfig:
@@ -126,7 +184,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_bad_steps", "loss_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
-        if self.dtype not in ("auto", "fp32", "bf16"):
+        if self.dtype not in ("auto", "fp32", "bf16"):  # fp16 would need loss scaling
             raise ValueError(f"train.dtype must be auto, fp32 or bf16, not '{self.dtype}'")
         if self.teacher_device not in ("same", "cpu"):
             raise ValueError(f"train.teacher_device must be 'same' or 'cpu', not '{self.teacher_device}'")
@@ -198,8 +256,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             try:
                 return _check_value(value, option, key)
             except UserError as error:
-                errors.append(error)
-        raise errors[0]
+                errors.append((option, error))
+        # A mapping was meant for the dataclass option: its error (say, a misspelt key) is the one to show.
+        fitting = [error for option, error in errors
+                   if dataclasses.is_dataclass(option) == isinstance(value, dict)]
+        raise (fitting or [error for _, error in errors])[0]
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -323,12 +384,93 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """The configuration from an optional YAML file plus `key.path=value` overrides."""
+    """The configuration from an optional YAML file plus `key.path=value` overrides.
+
+    An override naming a stage's budget (max_steps, max_tokens, max_time) replaces that stage's
+    budget: the file's other budget keys of that stage are cleared unless overridden too, so
+    `stage1.max_time=140` over a file's `max_steps: 60` runs for 140 s, not 60 steps."""
     tree = read_yaml(path) if path is not None else {}
+    budgets_given: dict[str, set[str]] = {}
     for text in overrides:
         key_path, value = parse_override(text)
+        if len(key_path) == 2 and key_path[0] in STAGE_SECTIONS and key_path[1] in BUDGETS:
+            budgets_given.setdefault(key_path[0], set()).add(key_path[1])
         set_path(tree, key_path, value)
+    for section, given in budgets_given.items():
+        for key in set(BUDGETS) - given:
+            tree[section][key] = 0
     return build(Config, tree)
+
+
+def names_config_key(key: str) -> bool:
+    """Whether `key` (a.b.c) is the path of a configuration field."""
+    cls: Any = Config
+    for name in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[name]
+    return True
+
+
+def looks_like_override(argument: str) -> bool:
+    """Whether a command-line argument is a `section.key=value` override: its key names a config field,
+    or its first part names a config section and it is no existing path (a misspelt key then gets the
+    config's own error, which suggests the right one). `year=2024` or `a=b` are no overrides."""
+    key, equals, _ = argument.partition("=")
+    if not equals or "." not in key:
+        return False
+    if names_config_key(key):
+        return True
+    return key.split(".")[0] in {f.name for f in dataclasses.fields(Config)} and not Path(argument).exists()
+
+
+def number_type(kind: type, minimum: float | None = None, maximum: float | None = None,
+                above: float | None = None) -> Callable[[str], Any]:
+    """An argparse `type` for a number within bounds (`above`: strictly greater than), so a command
+    refuses an out-of-range value with one line."""
+
+    def parse(text: str):
+        import argparse
+
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum) or (
+                above is not None and value <= above):
+            bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+                      f"<= {maximum:g}" if maximum is not None else ""]
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {' and '.join(b for b in bounds if b)}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def resolve_device(name: str, local_rank: int = 0):
+    """A torch.device from a device name; "auto": this process's GPU when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; give auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(name: str, device):
+    """A torch dtype from one of DTYPES' names (or torch's own name for it); "auto": bf16 on a GPU,
+    float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch_names = {**DTYPES, **{long: long for long in DTYPES.values()}}
+    if name not in torch_names:
+        raise UserError(f"unknown dtype '{name}'; give auto or one of {', '.join(DTYPES)}")
+    return getattr(torch, torch_names[name])
 
 
 def save_config(config: Config, path: Path) -> None:

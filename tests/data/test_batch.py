@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rwkvinside.data import IGNORE_INDEX, collate, count_target_tokens, shifted_sample
+from rwkvinside.data import IGNORE_INDEX, collate, shifted_sample, target_mask, target_tokens
 
 
 def test_short_sample_is_right_padded_and_padding_is_never_a_target():
@@ -21,12 +21,17 @@ def test_target_mask_hides_targets_that_are_not_trained():
     assert sample["labels"].tolist() == [IGNORE_INDEX, 7, 8]
 
 
-def test_count_target_tokens_ignores_padding_and_masked_positions():
+def test_target_tokens_ignores_padding_and_masked_positions():
     batch = collate([shifted_sample(torch.tensor([1, 2, 3]), 5, 0),
-                     shifted_sample(torch.tensor([1, 2, 3, 4, 5, 6]), 5, 0)])
+                     shifted_sample(torch.tensor([1, 2, 3, 4, 5, 6]), 5, 0,
+                                    target_mask=torch.tensor([True, True, False, True, True, True]))])
     assert batch["labels"].shape == (2, 5)
-    assert count_target_tokens(batch) == 2 + 5
-    assert count_target_tokens(batch) < int(batch["attention_mask"].numel())
+    count = target_tokens(batch)
+    assert isinstance(count, torch.Tensor) and count.dim() == 0  # read back only when the caller wants
+    assert int(count) == 2 + 4  # row 2: its second target is masked out
+    assert int(count) < int(batch["attention_mask"].sum()) < int(batch["attention_mask"].numel())
+    assert target_mask(batch["labels"]).tolist() == [[True, True, False, False, False],
+                                                     [True, False, True, True, True]]
 
 
 @pytest.mark.parametrize("length", [1, 8])

@@ -6,8 +6,7 @@ import logging
 import pytest
 import torch
 
-from rwkvinside.data import (IGNORE_INDEX, ChatDataset, Record, collate, count_target_tokens,
-                             iter_conversations)
+from rwkvinside.data import IGNORE_INDEX, ChatDataset, Record, collate, iter_conversations, target_tokens
 from rwkvinside.errors import UserError
 
 from .helpers import CONVERSATIONS
@@ -104,7 +103,7 @@ def test_padding_is_right_masked_and_never_counted(tiny_tokenizer):
     assert bool((batch["attention_mask"].cumsum(1).max(1).values == lengths).all())  # right padding
     expected = sum(len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])
                    for conversation in CONVERSATIONS for text in assistant_runs(conversation))
-    assert count_target_tokens(batch) == expected == dataset.num_target_tokens
+    assert int(target_tokens(batch)) == expected == dataset.num_target_tokens
 
 
 def test_long_conversations_truncated_and_logged_once(tiny_tokenizer, caplog):

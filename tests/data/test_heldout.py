@@ -2,7 +2,7 @@
 
 import torch
 
-from rwkvinside.data import IGNORE_INDEX, count_target_tokens, heldout_batches
+from rwkvinside.data import IGNORE_INDEX, heldout_batches, target_tokens
 
 from .helpers import DOCS, reference_stream
 
@@ -12,7 +12,7 @@ def test_every_token_after_the_first_is_a_target_once(tiny_tokenizer, text_corpu
     batches = list(heldout_batches([text_corpus], tiny_tokenizer, seq_len=15, batch_size=3))
     labels = torch.cat([batch["labels"] for batch in batches]).flatten()
     assert labels[labels != IGNORE_INDEX].tolist() == stream[1:]
-    assert sum(count_target_tokens(batch) for batch in batches) == len(stream) - 1
+    assert sum(int(target_tokens(batch)) for batch in batches) == len(stream) - 1
 
 
 def test_windows_are_shifted_once_and_the_tail_is_padded(tiny_tokenizer, text_corpus):

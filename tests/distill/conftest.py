@@ -51,23 +51,28 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory, teacher_folder) -> dict[str, Path]:
-    """A teacher folder, a text corpus, a chat file and a config file with quick settings."""
+    """A teacher folder, a text corpus, a chat file, a second held-out file and a config file with quick
+    settings (the corpus and the second file held out)."""
     folder = tmp_path_factory.mktemp("inputs")
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(ROOT.TRAINING_TEXT * 3), encoding="utf-8")
+    heldout = folder / "heldout.txt"
+    heldout.write_text(" ".join(reversed(ROOT.TRAINING_TEXT)) * 2, encoding="utf-8")
     chat = folder / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS), encoding="utf-8")
     config = folder / "quick.yaml"
-    config.write_text(f"data:\n  eval: ['{corpus}']\n  eval_tokens: 64\nlog:\n  progress: false\n"
+    config.write_text(f"data:\n  eval: ['{corpus}', '{heldout}']\n  eval_tokens: 64\nlog:\n  progress: false\n"
                       "stage1:\n  warmup_steps: 1\nstage2:\n  warmup_steps: 1\nstage3:\n  warmup_steps: 1\n",
                       encoding="utf-8")
-    return {"teacher": teacher_folder, "corpus": corpus, "chat": chat, "config": config}
+    return {"teacher": teacher_folder, "corpus": corpus, "chat": chat, "heldout": heldout, "config": config}
 
 
-def distill_args(inputs, output: Path | None, *extra: str, steps: int = STEPS) -> list[str]:
+def distill_args(inputs, output: Path | None, *extra: str, steps: int | None = STEPS) -> list[str]:
+    """The command line of a quick run; steps=None leaves the budgets to the config (and `extra`)."""
     args = ["distill", "--config", str(inputs["config"]), "--teacher", str(inputs["teacher"]),
-            "--data", str(inputs["corpus"]), "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH),
-            "--max-steps", str(steps)]
+            "--data", str(inputs["corpus"]), "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH)]
+    if steps is not None:
+        args += ["--max-steps", str(steps)]
     return args + (["--output", str(output)] if output is not None else []) + list(extra)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from rwkvinside import cli
 from rwkvinside.distill.metrics import read_log
-from rwkvinside.modeling.student import load_student
+from rwkvinside.modeling.student_folder import load_student
 
 from .conftest import SEQ_LEN, distill_args
 
@@ -116,7 +116,11 @@ def test_two_processes_match_one(tmp_path, inputs, plain, zero_stage):
     assert per_step(output, 1)[-1][2] == 2 * SEQ_LEN * STEPS
     assert (output / "stage1/checkpoints/step_000004/deepspeed").is_dir()
     report = json.loads((output / "report.json").read_text())
-    assert report["stages"]["3"]["step"] == STEPS
+    assert report["stages"]["3"]["step"] == STEPS and report["stages"]["3"]["ended_by"] == "max_steps"
+    for number in (1, 2, 3):  # written by the main process alone, with the run's provenance
+        provenance = json.loads((output / f"stage{number}/student/rwkvinside.json").read_text())
+        assert provenance["format"] == 3 and Path(provenance["run"]) == output.resolve()
+        assert [h["stage"] for h in provenance["history"]] == list(range(1, number + 1))
 
 
 def test_zero0_resumes_after_both_processes_die(tmp_path, inputs, plain):
@@ -152,9 +156,13 @@ def test_zero3_with_offload_resumes_after_both_processes_die(tmp_path, inputs, p
     assert_same_steps(per_step(output, 1), per_step(plain, 1), rel=1e-5)
     assert_same_steps(per_step(output, 2), per_step(plain, 2), rel=1e-4)
     assert_same_steps(per_step(output, 3), per_step(plain, 3), rel=1e-4)
-    student, _, _ = load_student(output / "stage3/student")
+    student, _, _ = load_student(output)  # a run folder: its last stage's student, gathered whole from ZeRO-3
     reference, _, _ = load_student(plain / "stage3/student")
-    for (name, weight), expected in zip(student.model.state_dict().items(), reference.model.state_dict().values()):
+    assert student.config.trained_context == SEQ_LEN
+    got, expected_weights = student.state_dict(), reference.state_dict()
+    assert list(got) == list(expected_weights) and "lm_head.weight" in got
+    for name, weight in got.items():
+        expected = expected_weights[name]
         assert weight.shape == expected.shape, name
         assert torch.allclose(weight, expected, rtol=1e-3, atol=1e-5), name
 

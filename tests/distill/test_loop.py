@@ -1,4 +1,5 @@
-"""The training loop: schedule, budgets, gradient accumulation, non-finite losses, token counting."""
+"""The training loop: schedule, budgets, gradient accumulation, non-finite losses, token counting,
+and the all-ones padding mask of packed text left on the host."""
 
 import copy
 import math
@@ -11,11 +12,13 @@ from torch import nn
 from rwkvinside.config import Config, StageConfig, TrainConfig
 from rwkvinside.distill import loop
 from rwkvinside.distill.engine import PlainEngine
-from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, schedule
+from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, ended_by, schedule
 from rwkvinside.distill.metrics import RunLog, read_log
 from rwkvinside.distill.stages import STAGES, Stage, StepLoss
 from rwkvinside.errors import UserError
-from rwkvinside.modeling.hybrid import HybridModel
+from rwkvinside.modeling.alignment import attach_teacher_attention, select_trainable
+from rwkvinside.modeling.convert import convert
+from rwkvinside.modeling.student import RWKVInsideForCausalLM
 
 from .conftest import tiny_teacher
 
@@ -67,14 +70,14 @@ class SnapshotLog(RunLog):
 
 
 def make_trainer(tmp_path, model, batches, step=regression_step, stage_config=None, count_tokens=count_samples,
-                 **train) -> Trainer:
+                 teacher=None, trainer_class=Trainer, **train) -> Trainer:
     stage_config = stage_config or StageConfig(lr=0.05, lr_final=0.005, warmup_steps=2, max_steps=6,
                                                weight_decay=0.1)
     config = Config(train=TrainConfig(**train), stage1=stage_config)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     engine = PlainEngine(trainable, config.train, CPU)
     stage = Stage(1, "test", "text", aligns=False, needs_teacher=False, step=step, count_tokens=count_tokens)
-    return Trainer(stage, config, model, None, batches, engine, tmp_path, SnapshotLog(tmp_path, model))
+    return trainer_class(stage, config, model, teacher, batches, engine, tmp_path, SnapshotLog(tmp_path, model))
 
 
 def regression_trainer(tmp_path, step=regression_step, stage_config=None, batch_size=4, **train) -> Trainer:
@@ -121,6 +124,22 @@ def test_the_first_budget_reached_ends_the_stage():
     assert budget_fraction(Progress(step=2, tokens=10, elapsed=61.0), stage) == 1.0
 
 
+@pytest.mark.parametrize("progress, expected", [
+    (Progress(step=10, tokens=900, elapsed=59.0), "max_steps"),
+    (Progress(step=9, tokens=1000, elapsed=59.0), "max_tokens"),
+    (Progress(step=2, tokens=10, elapsed=61.0), "max_time"),
+])
+def test_ended_by_names_the_budget_that_ended_the_stage(progress, expected):
+    assert ended_by(progress, StageConfig(max_steps=10, max_tokens=1000, max_time=60.0)) == expected
+
+
+def test_ended_by_never_names_an_unset_budget():
+    """An unset budget (0) is unlimited: it cannot have ended the stage, however far the others are."""
+    assert ended_by(Progress(step=3, tokens=10**9, elapsed=10**6), StageConfig(max_steps=3)) == "max_steps"
+    assert ended_by(Progress(step=10**6, tokens=64), StageConfig(max_tokens=64)) == "max_tokens"
+    assert ended_by(Progress(step=10**6, elapsed=5.0), StageConfig(max_time=5.0)) == "max_time"
+
+
 def test_weight_decay_moves_linearly_and_spares_vectors(tmp_path):
     stage = StageConfig(max_steps=10, weight_decay=0.1, weight_decay_final=0.02)
     assert [schedule(Progress(step=s), stage)[1] for s in (0, 5, 10)] == pytest.approx([0.1, 0.06, 0.02])
@@ -143,6 +162,7 @@ def test_the_trainer_follows_the_schedule_to_the_end_of_the_budget(tmp_path):
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
     assert lrs[-1] - 0.001 < 0.01 * (0.01 - 0.001)  # decayed to lr_final, not stuck near the peak
     assert records[-1]["weight_decay"] == pytest.approx(0.2 / 20)
+    assert ended_by(progress, stage) == "max_steps"
 
 
 def test_a_token_budget_stops_the_trainer(tmp_path):
@@ -150,6 +170,7 @@ def test_a_token_budget_stops_the_trainer(tmp_path):
     progress, records = run(regression_trainer(tmp_path, stage_config=stage, batch_size=3, grad_accum=2))
     assert [r["tokens"] for r in records] == [6, 12, 18, 24, 30, 36, 42]
     assert progress.tokens == 42 and progress.step == 7
+    assert ended_by(progress, stage) == "max_tokens"
 
 
 def test_a_time_budget_stops_the_trainer(tmp_path, monkeypatch):
@@ -159,6 +180,7 @@ def test_a_time_budget_stops_the_trainer(tmp_path, monkeypatch):
     progress, records = run(regression_trainer(tmp_path, stage_config=stage))
     assert [r["elapsed_s"] for r in records] == [5.0, 10.0, 15.0, 20.0, 25.0]
     assert records[-1]["lr"] == pytest.approx(schedule(Progress(step=4, elapsed=20.0), stage)[0])
+    assert ended_by(progress, stage) == "max_time"
 
 
 # ---- gradient accumulation ------------------------------------------------------------------------
@@ -173,9 +195,20 @@ def token_batches(batch_size: int, seq_len: int = 16, sequences: int = 24):
                "attention_mask": torch.ones(len(chunk), seq_len, dtype=torch.long)}
 
 
-def hybrid(align: bool) -> HybridModel:
+def student(align: bool) -> RWKVInsideForCausalLM:
+    """The tiny teacher's student, training its time mixers; with align, the teacher's attentions beside
+    them (stage 1). Its teacher is a copy of its own, not the one stage 2 reads."""
     torch.manual_seed(0)
-    return HybridModel(tiny_teacher(), align=align)
+    teacher = tiny_teacher()
+    model = convert(teacher)
+    if align:
+        attach_teacher_attention(model, teacher)
+    select_trainable(model, "mixers")
+    return model
+
+
+def frozen_teacher() -> nn.Module:
+    return tiny_teacher().requires_grad_(False)
 
 
 def padded_batches(seq_len: int = 12):
@@ -199,20 +232,26 @@ def in_pairs(batches):
         yield {key: torch.cat([first[key], second[key]]) for key in first}
 
 
-ACCUMULATION_CASES = {
+ACCUMULATION_BATCHES = {
     # (one batch of 4, micro-batches of 2)
     1: (lambda: token_batches(4), lambda: token_batches(2)),  # every micro-batch aligns 32 tokens
     3: (lambda: in_pairs(padded_batches()), padded_batches),  # micro-batches of 13 and 8 targets
 }
+ACCUMULATION_CASES = {  # stage 1 with its default alignment loss and with the plain MSE
+    "stage1": (1, {}),
+    "stage1-mse": (1, {"alignment_loss": "mse"}),
+    "stage3": (3, {}),
+}
 
 
-@pytest.mark.parametrize("number", sorted(ACCUMULATION_CASES))
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, number):
+@pytest.mark.parametrize("case", sorted(ACCUMULATION_CASES))
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, case):
     """The step's loss is the mean over all its tokens, however the micro-batches split them."""
-    stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=3)
+    number, settings = ACCUMULATION_CASES[case]
+    stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=3, **settings)
     results = []
-    for name, batches, grad_accum in zip(("big", "accumulated"), ACCUMULATION_CASES[number], (1, 2)):
-        model = hybrid(align=number == 1)
+    for name, batches, grad_accum in zip(("big", "accumulated"), ACCUMULATION_BATCHES[number], (1, 2)):
+        model = student(align=number == 1)
         trainer = make_trainer(tmp_path / name, model, batches(), STAGES[number].step, stage,
                                STAGES[number].count_tokens, grad_accum=grad_accum)
         _, records = run(trainer)
@@ -225,9 +264,11 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, number):
         assert a["tokens"] == b["tokens"]
     assert big[0]["loss"] != pytest.approx(big[-1]["loss"], rel=1e-6)  # the weights did move
     for name, weight in big_weights.items():
-        # Summing the gradients in another order moves float32 results by ~1e-7, which Adam's
-        # normalisation can carry into a weight; the steps themselves are ~1e-3.
-        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+        # Summing the gradients in another order moves float32 results by ~1e-7 (relative), which
+        # Adam's normalisation carries into a weight wherever a gradient is near 0 (|g| ~ eps = 1e-8):
+        # up to ~2e-6 here; the steps themselves are ~1e-3, and a wrong weighting of the micro-batches
+        # moves weights by a sizeable share of them.
+        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-5, atol=5e-6, msg=name)
 
 
 # ---- non-finite losses ----------------------------------------------------------------------------
@@ -282,8 +323,59 @@ def test_bad_steps_that_are_not_in_a_row_do_not_stop_the_run(tmp_path):
 def test_padding_never_counts_as_trained_tokens(tmp_path, number, per_step):
     """Stage 1 trains every real position (attention_mask); stage 3 every target (labels != -100)."""
     stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=4, trainable="mixers")
-    trainer = make_trainer(tmp_path, hybrid(align=number == 1), padded_batches(), STAGES[number].step, stage,
+    trainer = make_trainer(tmp_path, student(align=number == 1), padded_batches(), STAGES[number].step, stage,
                            STAGES[number].count_tokens)
     progress, records = run(trainer)
     assert [r["tokens_in_step"] for r in records] == per_step * 2
     assert progress.tokens == sum(per_step) * 2 == records[-1]["tokens"]
+
+
+# ---- packed text: the all-ones mask stays on the host ---------------------------------------------------
+
+class KeepingTheMask(Trainer):
+    """The reference: every batch reaches the stage as the loader made it, an all-ones mask included."""
+
+    def _micro_batch(self):
+        return {key: value.to(self.engine.device) for key, value in next(self.loader).items()}
+
+
+def with_packed_and_padded(batches):
+    """token_batches, every third one with a padded last position (its mask then masks something)."""
+    for i, batch in enumerate(batches):
+        if i % 3 == 2:
+            batch = dict(batch, attention_mask=batch["attention_mask"].clone(), labels=batch["labels"].clone())
+            batch["attention_mask"][:, -1] = 0
+            batch["labels"][:, -1] = -100
+        yield batch
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_a_packed_batch_trains_as_with_its_all_ones_mask(tmp_path, number):
+    """The loop drops a mask that masks nothing before the batch moves to the device, and only then:
+    the losses, gradients, weights and token counts are those of the batch with its mask (stage 1
+    counts input_ids.numel() where the mask is gone, as many as the mask would)."""
+    stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=3, ce_weight=0.5)
+    results, seen = {}, {}
+    for name, trainer_class in (("dropped", Trainer), ("kept", KeepingTheMask)):
+        masks = seen.setdefault(name, [])
+
+        def step(model, teacher, batch, stage_config, loss_chunk, masks=masks):
+            masks.append("attention_mask" in batch)
+            return STAGES[number].step(model, teacher, batch, stage_config, loss_chunk)
+
+        model = student(align=number == 1)
+        trainer = make_trainer(tmp_path / name, model, with_packed_and_padded(token_batches(2)), step, stage,
+                               STAGES[number].count_tokens, teacher=frozen_teacher() if number == 2 else None,
+                               trainer_class=trainer_class)
+        _, records = run(trainer)
+        results[name] = (records, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+    assert seen == {"dropped": [False, False, True], "kept": [True, True, True]}
+    (dropped, dropped_weights), (kept, kept_weights) = results["dropped"], results["kept"]
+    per_step = [32, 32, 30]  # 2 x 16 positions, all real and all targets but in the padded batch
+    assert [r["tokens_in_step"] for r in dropped] == [r["tokens_in_step"] for r in kept] == per_step
+    for a, b in zip(dropped, kept):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert dropped[0]["loss"] != pytest.approx(dropped[-1]["loss"], rel=1e-6)  # the weights did move
+    for name, weight in kept_weights.items():
+        torch.testing.assert_close(dropped_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)

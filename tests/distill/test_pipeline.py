@@ -1,5 +1,6 @@
 """`rwkvinside distill` end to end on a tiny Llama teacher: run folder, logs, stages, errors."""
 
+import dataclasses
 import json
 import math
 import re
@@ -14,11 +15,16 @@ from safetensors.torch import load_file
 
 from rwkvinside import cli
 from rwkvinside.config import load_config
+from rwkvinside.distill import pipeline
 from rwkvinside.distill.metrics import read_log
 from rwkvinside.distill.pipeline import loader_for
 from rwkvinside.distill.stages import STAGES
+from rwkvinside.modeling.student import RWKVInsideForCausalLM
+from rwkvinside.modeling.student_folder import load_student
 
 from .conftest import BATCH, SEQ_LEN, STEPS, TEACHER_LAYERS, distill_args, error_line
+
+TOKENS = STEPS * BATCH * SEQ_LEN
 
 @pytest.fixture(scope="module")
 def run12(tmp_path_factory, inputs) -> Path:
@@ -30,6 +36,14 @@ def run12(tmp_path_factory, inputs) -> Path:
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
+
+
+def metadata(folder: Path) -> dict:
+    return json.loads((folder / "rwkvinside.json").read_text(encoding="utf-8"))
+
+
+def with_chat(inputs) -> str:
+    return f"data.chat=['{inputs['chat']}']"
 
 
 # ---- the run folder -------------------------------------------------------------------------------
@@ -45,6 +59,31 @@ def test_the_run_folder_holds_config_plan_logs_students_and_report(run12, inputs
     assert config.data.train == [str(inputs["corpus"])]
     assert (config.data.seq_len, config.train.batch_size, config.stage2.max_steps) == (SEQ_LEN, BATCH, STEPS)
     assert config.stage1.warmup_steps == 1 and config.stage1.max_tokens == 0
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_a_stage_writes_a_format_3_student_with_its_provenance(run12, inputs, number):
+    """config.json is the student's own configuration (the teacher's inside it, the trained context
+    beside it); rwkvinside.json names the teacher, the stages so far and the run (absolute)."""
+    folder = run12 / f"stage{number}/student"
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert config["model_type"] == "rwkvinside" and config["text_config"]["model_type"] == "llama"
+    assert config["rwkv_layers"] == list(range(TEACHER_LAYERS))
+    assert config["trained_context"] == SEQ_LEN
+    provenance = metadata(folder)
+    assert provenance["format"] == 3 and provenance["stage"] == number
+    assert provenance["teacher"] == str(inputs["teacher"])
+    assert Path(provenance["run"]).is_absolute() and Path(provenance["run"]) == run12.resolve()
+    assert (provenance["steps"], provenance["tokens"]) == (STEPS, TOKENS)
+    assert provenance["history"] == [{"stage": n, "tokens": TOKENS, "steps": STEPS} for n in range(1, number + 1)]
+    student, tokenizer, loaded = load_student(folder)
+    assert isinstance(student, RWKVInsideForCausalLM) and tokenizer is not None and loaded == provenance
+    assert student.rwkv_layers == tuple(range(TEACHER_LAYERS)) and student.config.trained_context == SEQ_LEN
+
+
+def test_a_run_folder_loads_as_its_last_stage_student(run12):
+    _, _, loaded = load_student(run12)
+    assert loaded == metadata(run12 / "stage2/student")
 
 
 @pytest.mark.parametrize("number, terms", [
@@ -64,17 +103,66 @@ def test_one_log_record_per_optimizer_step(run12, number, terms):
         assert record["student_ce"] > 0 and record["teacher_ce"] > 0
 
 
-def test_the_report(run12):
+SCORES = {"path", "tokens", "student_ppl", "teacher_ppl", "agreement", "kl"}
+
+
+def held_out_files(inputs) -> list[str]:
+    return [str(inputs["corpus"]), str(inputs["heldout"])]
+
+
+def test_the_report_scores_each_held_out_file(run12, inputs):
+    """The baseline: the teacher alone and the freshly converted student beside it; each stage: its
+    student beside the teacher, file by file, on data.eval_tokens target tokens of each."""
     report = json.loads((run12 / "report.json").read_text())
+    files = held_out_files(inputs)
+    baseline = report["baseline"]
+    assert set(baseline) == {"teacher", "fresh_student"}
+    assert [f["path"] for f in baseline["teacher"]] == [f["path"] for f in baseline["fresh_student"]] == files
+    for teacher, fresh in zip(baseline["teacher"], baseline["fresh_student"]):
+        assert set(teacher) == set(fresh) == SCORES
+        assert 64 <= teacher["tokens"] < 64 + BATCH * SEQ_LEN  # eval_tokens per file, whole batches
+        assert teacher["student_ppl"] > 1 and math.isfinite(teacher["student_ppl"])
+        assert teacher["teacher_ppl"] is None and teacher["agreement"] is None and teacher["kl"] is None
+        assert fresh["tokens"] == teacher["tokens"]
+        assert fresh["teacher_ppl"] == pytest.approx(teacher["student_ppl"], rel=1e-5)  # the same teacher
+        assert fresh["student_ppl"] > 1 and 0 <= fresh["agreement"] <= 1 and fresh["kl"] > 0
+    assert baseline["teacher"][0]["student_ppl"] != baseline["teacher"][1]["student_ppl"]  # two files, two scores
+
     assert set(report["stages"]) == {"1", "2"}
     for stage in report["stages"].values():
-        assert stage["step"] == STEPS and stage["tokens"] == STEPS * BATCH * SEQ_LEN
-        assert math.isfinite(stage["student_ppl"]) and math.isfinite(stage["final"]["loss"])
+        assert stage["step"] == STEPS and stage["tokens"] == TOKENS
+        assert stage["ended_by"] == "max_steps"
+        assert math.isfinite(stage["final"]["loss"])
+        assert [f["path"] for f in stage["heldout"]] == files
+        for scores, teacher in zip(stage["heldout"], baseline["teacher"]):
+            assert set(scores) == SCORES and scores["tokens"] == teacher["tokens"]
+            assert scores["teacher_ppl"] == pytest.approx(teacher["student_ppl"], rel=1e-5)
+            assert math.isfinite(scores["student_ppl"]) and 0 <= scores["agreement"] <= 1 and scores["kl"] > 0
     assert set(report["stages"]["1"]["final_alignment_by_layer"]) == {"align/layer_00", "align/layer_01"}
-    assert report["baseline"]["teacher_ppl"] > 1
-    markdown = (run12 / "report.md").read_text()
-    assert "| 1 (attention alignment) | 3 | 192 |" in markdown
-    assert "| 2 (knowledge distillation) | 3 | 192 |" in markdown
+    summary = json.loads((run12 / "stage2/summary.json").read_text())
+    assert summary == report["stages"]["2"]
+
+
+def test_the_markdown_report_has_a_row_per_file_and_model(run12, inputs):
+    report = json.loads((run12 / "report.json").read_text())
+    lines = (run12 / "report.md").read_text().splitlines()
+    assert any(line.startswith("| 1 (attention alignment) | 3 | 192 |") and "| max_steps |" in line
+               for line in lines)
+    assert any(line.startswith("| 2 (knowledge distillation) | 3 | 192 |") and "| max_steps |" in line
+               for line in lines)
+    baseline = report["baseline"]
+    for i, path in enumerate(held_out_files(inputs)):
+        name = Path(path).name
+        teacher_ppl = baseline["teacher"][i]["student_ppl"]
+        expected = [f"| {name} | teacher | {teacher_ppl:.2f} | 1.000x |  |  |"]
+        students = [("freshly converted student", baseline["fresh_student"][i])] + [
+            (f"student after stage {n}", report["stages"][str(n)]["heldout"][i]) for n in (1, 2)]
+        for model, scores in students:
+            expected.append(f"| {name} | {model} | {scores['student_ppl']:.2f} | "
+                            f"{scores['student_ppl'] / teacher_ppl:.3f}x | {scores['agreement']:.1%} | "
+                            f"{scores['kl']:.4f} |")
+        rows = [line for line in lines if line.startswith(f"| {name} |")]
+        assert rows == expected  # the teacher, the fresh student, then the stages in order
 
 
 def split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -97,13 +185,57 @@ def test_stages_1_and_2_train_only_the_time_mixers(run12, inputs, number):
         assert any(not torch.equal(before[k], mixers[k]) for k in mixers)  # stage 2 trained them further
 
 
+def test_the_teacher_scores_in_eval_mode(tmp_path, inputs, monkeypatch):
+    """Dropout must never touch the teacher's logits: stage 2's teacher and the teacher beside every
+    held-out score are in eval mode, also after stage 1 trained a student that held the teacher's
+    own attentions."""
+    in_eval = {"stage 2": [], "held-out": []}
+    step, compare_on_file = STAGES[2].step, pipeline.compare_on_file
+
+    def evaluating(model) -> bool:
+        return all(not module.training for module in model.modules())
+
+    def stage2_step(model, teacher, *args):
+        in_eval["stage 2"].append(evaluating(teacher))
+        return step(model, teacher, *args)
+
+    def held_out(path, student, teacher, *args):
+        in_eval["held-out"].append(evaluating(teacher) if teacher is not None else evaluating(student))
+        return compare_on_file(path, student, teacher, *args)
+
+    monkeypatch.setitem(STAGES, 2, dataclasses.replace(STAGES[2], step=stage2_step))
+    monkeypatch.setattr(pipeline, "compare_on_file", held_out)
+    assert cli.main(distill_args(inputs, tmp_path / "run", steps=1)) == 0
+    assert in_eval == {"stage 2": [True], "held-out": [True] * 8}  # 2 files: baseline x 2, stage 1, stage 2
+
+
 # ---- stage plans ----------------------------------------------------------------------------------
 
 def test_eval_tokens_0_skips_every_perplexity(tmp_path, inputs):
     output = tmp_path / "run"
     assert cli.main(distill_args(inputs, output, "--stage", "1", "data.eval_tokens=0", steps=1)) == 0
     report = json.loads((output / "report.json").read_text())
-    assert "baseline" not in report and "student_ppl" not in report["stages"]["1"]
+    assert "baseline" not in report and "heldout" not in report["stages"]["1"]
+    assert "| file | model |" not in (output / "report.md").read_text()
+
+
+@pytest.mark.parametrize("budget, extra", [
+    ("max_time", ["stage1.max_time=0.5", "stage1.max_steps=1000"]),
+    ("max_tokens", ["--max-tokens", str(2 * BATCH * SEQ_LEN - 1)]),
+])
+def test_ended_by_names_the_budget_that_ended_the_stage(tmp_path, inputs, budget, extra):
+    output = tmp_path / "run"
+    assert cli.main(distill_args(inputs, output, "--stage", "1", "data.eval_tokens=0", *extra, steps=None)) == 0
+    summary = json.loads((output / "report.json").read_text())["stages"]["1"]
+    assert summary["ended_by"] == budget
+    records = read_log(output / "stage1/log.jsonl")
+    if budget == "max_time":
+        assert summary["elapsed"] >= 0.5 and 1 <= summary["step"] < 1000
+    else:
+        assert summary["step"] == 2 and summary["tokens"] == 2 * BATCH * SEQ_LEN
+    assert len(records) == summary["step"]
+    assert any(line.startswith("| 1 (attention alignment) |") and f"| {budget} |" in line
+               for line in (output / "report.md").read_text().splitlines())
 
 
 def test_stage_2_needs_init_from(tmp_path, inputs, capsys):
@@ -119,14 +251,51 @@ def test_stage_2_from_a_stage_1_student(tmp_path, inputs, run12):
     assert not (output / "stage1").exists()
     records = read_log(output / "stage2/log.jsonl")
     assert len(records) == STEPS and all(math.isfinite(r["kl"]) for r in records)
-    history = json.loads((output / "stage2/student/rwkvinside.json").read_text())["history"]
+    provenance = metadata(output / "stage2/student")
+    assert [h["stage"] for h in provenance["history"]] == [1, 2]
+    assert provenance["history"][0] == metadata(run12 / "stage1/student")["history"][0]
+    assert Path(provenance["run"]) == output.resolve()  # the run that trained it, not the one it started from
+    report = json.loads((output / "report.json").read_text())
+    assert "baseline" not in report  # a baseline belongs to a run that converts
+    assert [f["path"] for f in report["stages"]["2"]["heldout"]] == held_out_files(inputs)
+
+
+def test_init_from_a_run_folder_takes_its_last_stage_student(tmp_path, inputs, run12):
+    """--init-from RUN starts from the run's last finished stage: stage 2 of a run of stages 1-2,
+    stage 1 of a run that has finished only stage 1."""
+    output = tmp_path / "from_run"
+    assert cli.main(distill_args(inputs, output, "--stage", "3", "--init-from", str(run12), with_chat(inputs),
+                                 steps=1)) == 0
+    history = metadata(output / "stage3/student")["history"]
+    assert history[:-1] == metadata(run12 / "stage2/student")["history"]
+    assert [h["stage"] for h in history] == [1, 2, 3]
+
+    only_stage1 = tmp_path / "only_stage1"
+    shutil.copytree(run12, only_stage1, ignore=lambda folder, names: ["stage2"] if Path(folder) == run12 else [])
+    output = tmp_path / "from_stage1_run"
+    assert cli.main(distill_args(inputs, output, "--stage", "2", "--init-from", str(only_stage1), steps=1)) == 0
+    history = metadata(output / "stage2/student")["history"]
+    assert history[:-1] == metadata(run12 / "stage1/student")["history"]
     assert [h["stage"] for h in history] == [1, 2]
+
+
+def test_init_from_a_run_without_a_finished_stage(tmp_path, inputs, run12, capsys):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("run.json", "config.yaml"):
+        shutil.copy(run12 / name, unfinished / name)
+    output = tmp_path / "out"
+    assert cli.main(distill_args(inputs, output, "--stage", "2", "--init-from", str(unfinished))) == 2
+    line = error_line(capsys)
+    assert "has no finished stage yet" in line
+    assert f"--output {unfinished} --resume" in line  # how to finish it, for this very run
+    assert not output.exists()
 
 
 def test_stage_3_trains_on_assistant_tokens(tmp_path, inputs, run12, tokenizer):
     output = tmp_path / "sft"
     args = distill_args(inputs, output, "--stage", "3", "--init-from", str(run12 / "stage1/student"),
-                        f"data.chat=['{inputs['chat']}']")
+                        with_chat(inputs))
     assert cli.main(args) == 0
     records = read_log(output / "stage3/log.jsonl")
     assert len(records) == STEPS and all(math.isfinite(r["student_ce"]) for r in records)
@@ -138,6 +307,9 @@ def test_stage_3_trains_on_assistant_tokens(tmp_path, inputs, run12, tokenizer):
     _, before = split(weights(run12 / "stage1/student"))
     _, after = split(weights(output / "stage3/student"))
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # all trained
+    heldout = json.loads((output / "report.json").read_text())["stages"]["3"]["heldout"]
+    assert [f["path"] for f in heldout] == held_out_files(inputs)  # scored without a teacher: none was needed
+    assert all(math.isfinite(f["student_ppl"]) and f["teacher_ppl"] is None and f["kl"] is None for f in heldout)
 
 
 def test_stage_3_without_chat_data_is_an_error(tmp_path, inputs, run12, capsys):
@@ -171,6 +343,8 @@ def test_without_output_a_new_folder_under_runs(tmp_path, inputs, monkeypatch):
     assert cli.main(distill_args(inputs, None, "--stage", "1", steps=1)) == 0
     (folder,) = (tmp_path / "runs").iterdir()
     assert (folder / "stage1/student").is_dir() and (folder / "report.json").is_file()
+    monkeypatch.chdir(tmp_path.parent)  # the provenance names the run wherever one stands later
+    assert Path(metadata(folder / "stage1/student")["run"]) == folder.resolve()
 
 
 def test_resume_needs_a_run(tmp_path, capsys):

@@ -96,10 +96,16 @@ def test_a_killed_run_resumes_exactly(tmp_path, inputs, uninterrupted):
         load_file(uninterrupted / "stage1/student/model.safetensors")
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=key)
-    report = json.loads((output / "report.json").read_text())
-    assert report["stages"]["1"]["step"] == STEPS
-    assert report["stages"]["1"]["tokens"] == json.loads((uninterrupted / "report.json").read_text())[
-        "stages"]["1"]["tokens"]
+    summary = json.loads((output / "report.json").read_text())["stages"]["1"]
+    reference_summary = json.loads((uninterrupted / "report.json").read_text())["stages"]["1"]
+    assert summary["step"] == STEPS and summary["ended_by"] == "max_steps"
+    assert summary["tokens"] == reference_summary["tokens"]
+    # the resumed student scores the held-out files as the uninterrupted one does
+    assert [f["path"] for f in summary["heldout"]] == [f["path"] for f in reference_summary["heldout"]]
+    for got_scores, expected_scores in zip(summary["heldout"], reference_summary["heldout"]):
+        assert got_scores["tokens"] == expected_scores["tokens"]
+        for key in ("student_ppl", "teacher_ppl", "agreement", "kl"):
+            assert got_scores[key] == pytest.approx(expected_scores[key], rel=1e-4, abs=1e-6), key
 
 
 def no_space() -> OSError:

@@ -74,11 +74,23 @@ def run(model: str, model_args: dict, task_manager) -> dict:
     return {**responses, "acc": results["results"]["tiny_choice"]["acc,none"]}
 
 
-def test_adapter_on_a_checkpoint_equals_hf_on_its_export(student_dir, exported_dir, task_manager,
-                                                         remote_code_cache):
+@pytest.fixture(scope="module")
+def run_dir(build_teacher, tiny_tokenizer, tmp_path_factory):
+    """A run folder whose last finished stage (2) holds the student of `student_dir` (stage 1 another)."""
+    from export.students import make_run
+
+    return make_run(tmp_path_factory.mktemp("run") / "run", build_teacher, tiny_tokenizer, {1: 1, 2: 0})
+
+
+@pytest.mark.parametrize("folder", ["student_dir", "run_dir", "exported_dir"])
+def test_adapter_on_any_student_folder_equals_hf_on_the_export(folder, request, exported_dir, task_manager,
+                                                                remote_code_cache):
+    """The adapter loads a stage's student folder, a run folder (its last stage's student) or an
+    exported folder with rwkvinside's class; lm-eval's own "hf" loads the export through remote code."""
     import rwkvinside.evaluation.lm_eval_adapter  # noqa: F401  (registers "rwkvinside")
 
-    ours = run("rwkvinside", {"pretrained": str(student_dir), "dtype": "float32"}, task_manager)
+    pretrained = str(request.getfixturevalue(folder))
+    ours = run("rwkvinside", {"pretrained": pretrained, "dtype": "float32"}, task_manager)
     theirs = run("hf", {"pretrained": str(exported_dir), "trust_remote_code": True, "dtype": "float32"},
                  task_manager)
     assert len(ours["tiny_choice"]) == len(DOCS) and len(ours["tiny_generate"]) == len(DOCS)

@@ -259,7 +259,7 @@ def test_fla_adapters_pass_scale_and_output_final_state(monkeypatch):
     wkv7_fla_chunk(*(inputs[name] for name in INPUT_NAMES), **RWKV7_CHUNK_OPTIONS)
     wkv7_fla_fused_recurrent(*(inputs[name] for name in INPUT_NAMES))
     defaults = {"scale": 1.0, "initial_state": None, "output_final_state": False}
-    assert calls["chunk"] == defaults | RWKV7_CHUNK_OPTIONS
+    assert calls["chunk"] == defaults | RWKV7_CHUNK_OPTIONS | {"disable_recompute": False}
     assert calls["fused_recurrent"] == defaults
 
 

@@ -54,9 +54,14 @@ def collate(samples: Sequence[Sample]) -> Batch:
     return {key: torch.stack([sample[key] for sample in samples]) for key in BATCH_KEYS}
 
 
-def count_target_tokens(batch: Batch) -> int:
-    """Trained target tokens in a batch: labels that are not IGNORE_INDEX (padding never counts)."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which positions have a target: labels that are not IGNORE_INDEX (padding never does)."""
+    return labels != IGNORE_INDEX
+
+
+def target_tokens(batch: Batch) -> torch.Tensor:
+    """Trained target tokens in a batch, as a 0-dim tensor (reading it is the caller's choice)."""
+    return target_mask(batch["labels"]).sum()
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:

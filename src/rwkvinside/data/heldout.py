@@ -16,7 +16,8 @@ import torch
 
 from rwkvinside.data.batch import Batch, chunked, collate, shifted_sample
 from rwkvinside.data.packing import pad_id, tokenize_stream
-from rwkvinside.data.sources import PathLike, iter_texts
+from rwkvinside.data.sources import PathLike, iter_documents, resolve_sources
+from rwkvinside.data.synthetic import check_tokenizer
 from rwkvinside.errors import UserError
 
 if TYPE_CHECKING:  # transformers is slow to import and only named in annotations
@@ -26,7 +27,8 @@ if TYPE_CHECKING:  # transformers is slow to import and only named in annotation
 def heldout_batches(paths: Sequence[PathLike], tokenizer: PreTrainedTokenizerBase, seq_len: int,
                     batch_size: int = 1) -> Iterator[Batch]:
     """Evaluation batches [batch_size, seq_len] over the files' token stream; the last may have fewer rows."""
-    tokens = np.concatenate(list(tokenize_stream(iter_texts(paths), tokenizer)))
+    check_tokenizer(resolve_sources(paths), tokenizer)
+    tokens = np.concatenate(list(tokenize_stream(iter_documents(paths), tokenizer)))
     if tokens.size < 2:
         raise UserError(f"the held-out text {', '.join(map(str, paths))} has fewer than 2 tokens; give a "
                         "longer held-out file")

@@ -12,7 +12,7 @@ run would have yielded next: an in-memory source jumps straight there, a streami
 its epoch from the start and skips the consumed sequences (costs re-tokenising them).
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from itertools import islice
 from typing import Any, Protocol, TypeVar
 
@@ -63,6 +63,49 @@ class MapSource:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"seed": self.seed, "sequences": len(self.dataset)}
+
+
+class WeightedSource:
+    """In-memory datasets mixed by weight, in a fresh permutation each epoch.
+
+    A weight w is how many times each item of its dataset appears per epoch on average: every item
+    floor(w) times, and a random round(frac(w) * n) of the dataset's n items once more, drawn anew
+    each epoch (weight 2: each item twice; 0.5: a random half of the items). Like everything in an
+    epoch's order, the draw depends on (seed, epoch) alone, so every rank makes the same one.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Dataset, float]], seed: int) -> None:
+        """parts: (dataset, weight > 0) pairs; the items are numbered across them in this order."""
+        self.datasets = [dataset for dataset, _ in parts]
+        self.weights = [weight for _, weight in parts]
+        self.seed = seed
+        self.starts = np.cumsum([0] + [len(dataset) for dataset in self.datasets])  # first number of each
+
+    def __len__(self) -> int:
+        return sum(len(dataset) * int(weight) + round(weight % 1 * len(dataset))
+                   for dataset, weight in zip(self.datasets, self.weights))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The numbers of the epoch's items, in order."""
+        extra = np.random.default_rng([self.seed, epoch, 1])  # apart from the permutation's generator
+        items = []
+        for start, dataset, weight in zip(self.starts, self.datasets, self.weights):
+            size = len(dataset)
+            chosen = extra.choice(size, round(weight % 1 * size), replace=False)
+            items.append(start + np.concatenate([np.tile(np.arange(size), int(weight)), chosen]))
+        everything = np.concatenate(items)
+        return everything[epoch_rng(self.seed, epoch).permutation(everything.size)]
+
+    def epoch(self, epoch: int, start: int) -> Iterator[Sample]:
+        return (self._item(int(number)) for number in self.order(epoch)[start:])
+
+    def _item(self, number: int) -> Sample:
+        part = int(np.searchsorted(self.starts, number, side="right")) - 1
+        return self.datasets[part][number - int(self.starts[part])]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"seed": self.seed, "sequences": [len(dataset) for dataset in self.datasets],
+                "weights": self.weights}
 
 
 class StreamSource:

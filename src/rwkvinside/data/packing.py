@@ -1,7 +1,13 @@
 """Tokenise documents into one stream and pack it into fixed-length sequences (stages 1 and 2).
 
 The stream is `doc_1 EOS doc_2 EOS ... doc_n EOS` (the tokenizer's `eos_token_id`, no BOS: the
-tokenizer is called with `add_special_tokens=False`). Sequence i is the window
+tokenizer is called with `add_special_tokens=False`). A document given as token ids (a teacher
+sample, `synthetic.py`) joins the stream as it is, except that its EOS at either end is the
+stream's own separator, not a second one: a sample the teacher wrote from a bare EOS prompt, or
+ended with EOS, reads exactly as a text document does. Every token of a teacher sample is trained
+on, its prompt included: distillation matches the teacher's next-token distribution on any text,
+and the prompts (instructions in the chat template, document openings) are text the student will
+read too; masking them would only discard targets. Sequence i is the window
 `stream[i*T : i*T + T + 1]` of T+1 tokens: its first T tokens are the inputs and its last T the
 targets, so consecutive windows overlap by one token and every token after the first is a target
 exactly once. The incomplete last window is dropped.
@@ -9,13 +15,14 @@ exactly once. The incomplete last window is dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from rwkvinside.data.batch import Sample, chunked, shifted_sample
+from rwkvinside.data.sources import Document
 from rwkvinside.errors import UserError
 
 if TYPE_CHECKING:  # transformers is slow to import and only named in annotations
@@ -37,14 +44,27 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos_id(tokenizer)
 
 
-def tokenize_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[np.ndarray]:
-    """Token ids of the documents, each followed by EOS; one int32 array [n] per tokenizer call."""
+def tokenize_stream(documents: Iterable[Document],
+                    tokenizer: PreTrainedTokenizerBase) -> Iterator[np.ndarray]:
+    """Token ids of the documents (texts tokenised, token ids as they are), each followed by EOS; one
+    int32 array [n] per tokenizer call."""
     eos = eos_id(tokenizer)
-    for batch in chunked(texts, DOCS_PER_CALL):
+    for batch in chunked(documents, DOCS_PER_CALL):
+        texts = [doc for doc in batch if isinstance(doc, str)]
         # verbose=False: documents longer than model_max_length are fine here, packing cuts them.
-        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        ids = encoded["input_ids"]
-        yield np.concatenate([np.asarray(doc + [eos], dtype=np.int32) for doc in ids])
+        encoded = iter(tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                 verbose=False)["input_ids"] if texts else [])
+        ids = [next(encoded) + [eos] if isinstance(doc, str) else separated(doc, eos) for doc in batch]
+        yield np.concatenate([np.asarray(doc, dtype=np.int32) for doc in ids])
+
+
+def separated(ids: Sequence[int], eos: int) -> list[int]:
+    """Token ids of a document as the stream holds them: no EOS in front (the previous document's
+    separator is there already) and exactly one at the end."""
+    ids = list(ids)
+    if ids[:1] == [eos]:
+        ids = ids[1:]
+    return ids if ids[-1:] == [eos] else ids + [eos]
 
 
 def pack_windows(chunks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
@@ -83,9 +103,10 @@ class PackedDataset:
         self.seq_len = seq_len
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], tokenizer: PreTrainedTokenizerBase,
+    def from_texts(cls, documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase,
                    seq_len: int) -> "PackedDataset":
-        return cls(np.concatenate(list(tokenize_stream(texts, tokenizer))), seq_len)
+        """The packed stream of documents: texts, or token ids (`tokenize_stream`)."""
+        return cls(np.concatenate(list(tokenize_stream(documents, tokenizer))), seq_len)
 
     def __len__(self) -> int:
         return (self.tokens.size - 1) // self.seq_len

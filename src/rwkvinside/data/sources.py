@@ -9,6 +9,8 @@ is stable across runs and machines):
 - shell wildcards (`corpus/*.txt`) and `package:NAME/path`, a path inside an installed package.
 - a folder written by `datasets.Dataset.save_to_disk` (or a `DatasetDict`: its `train` split,
   or its only split), with a `text` or `messages` column.
+- a folder written by `rwkvinside synth` (teacher samples, `synthetic.py`), or one of its shards:
+  documents given as token ids, which `iter_documents` yields as they are.
 
 Everything is read lazily, one file (and for Parquet and `datasets`, one row batch) at a time, so
 the streaming loader can walk corpora larger than memory. A `.txt` file is read whole: it is one
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rwkvinside.data.synthetic import is_synthetic, manifest_folder, read_samples, shards
 from rwkvinside.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -40,11 +43,16 @@ PathLike = str | Path
 
 @dataclass(frozen=True)
 class Record:
-    """One document (`text`) or one conversation (`messages`); `origin` names it in errors."""
+    """One document (`text`) or one conversation (`messages`); `origin` names it in errors. A teacher
+    sample also has its token `ids`, which training uses instead of tokenising `text`."""
 
     origin: str
     text: str | None = None
     messages: list[Message] | None = None
+    ids: tuple[int, ...] | None = None
+
+
+Document = str | tuple[int, ...]  # a text to tokenise, or token ids to use as they are
 
 
 def resolve_sources(paths: Sequence[PathLike]) -> list[Path]:
@@ -94,8 +102,8 @@ def expand_pattern(pattern: str) -> list[Path]:
 
 
 def _walk(folder: Path, skipped: list[Path]) -> Iterator[Path]:
-    """Data files and `datasets` folders below `folder`, depth first in name order."""
-    if is_saved_dataset(folder):
+    """Data files, `datasets` folders and teacher-sample folders below `folder`, depth first in name order."""
+    if is_saved_dataset(folder) or is_synthetic(folder):
         yield folder
         return
     for child in sorted(folder.iterdir()):
@@ -127,12 +135,29 @@ def iter_records(paths: Sequence[PathLike]) -> Iterator[Record]:
 
 
 def iter_texts(paths: Sequence[PathLike]) -> Iterator[str]:
-    """The documents' texts, for packed training; a chat record is an error."""
+    """The documents' texts (a teacher sample's decoded text too: training reads its ids through
+    `iter_documents`); a chat record is an error."""
     for record in iter_records(paths):
         if record.text is None:
-            raise UserError(f"{record.origin} is a chat record ('messages') but this stage trains on plain "
-                            "text; give text data here and chat data to stage 3")
+            raise _chat_record_in_text(record)
         yield record.text
+
+
+def _chat_record_in_text(record: Record) -> UserError:
+    return UserError(f"{record.origin} is a chat record ('messages') but this stage trains on plain text; "
+                     "give text data here and chat data to stage 3")
+
+
+def iter_documents(paths: Sequence[PathLike]) -> Iterator[Document]:
+    """The documents for packed training: token ids where the source holds them (teacher samples),
+    texts otherwise; a chat record is an error."""
+    for record in iter_records(paths):
+        if record.ids is not None:
+            yield record.ids
+        elif record.text is not None:
+            yield record.text
+        else:
+            raise _chat_record_in_text(record)
 
 
 def iter_conversations(paths: Sequence[PathLike]) -> Iterator[Record]:
@@ -145,9 +170,18 @@ def iter_conversations(paths: Sequence[PathLike]) -> Iterator[Record]:
 
 
 def _read_source(source: Path) -> Iterator[Record]:
+    if manifest_folder(source) is not None:
+        return _read_synthetic(source)
     if source.is_dir():
         return _read_saved_dataset(source)
     return {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[source.suffix](source)
+
+
+def _read_synthetic(source: Path) -> Iterator[Record]:
+    """The samples of a teacher-sample folder's finished shards, or of one shard of it."""
+    for shard in shards(source) if source.is_dir() else [source]:
+        for row, ids, text in read_samples(shard):
+            yield Record(origin=f"{shard} row {row}", text=text, ids=ids)
 
 
 def _unreadable(path: Path, error: OSError) -> UserError:

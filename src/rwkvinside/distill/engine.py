@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from rwkvinside.config import EngineConfig, TrainConfig
 from rwkvinside.distill.checkpoint import save_torch
@@ -34,29 +35,20 @@ def launched_world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
-    if train.device != "auto":
-        return torch.device(train.device)
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def param_groups(params: list[Tensor], lr_scales: list[float]) -> list[dict[str, Any]]:
+    """One group per (decays, learning-rate scale): weight decay applies to matrices only, not to vectors
+    (norms, biases, mixing vectors); `lr_scales` gives each parameter's share of the stage's rate."""
+    groups: dict[tuple[bool, float], list[Tensor]] = {}
+    for param, scale in zip(params, lr_scales, strict=True):
+        groups.setdefault((param.ndim >= 2, scale), []).append(param)
+    return [{"params": group, "decays": decays, "lr_scale": scale, **({} if decays else {"weight_decay": 0.0})}
+            for (decays, scale), group in sorted(groups.items(), reverse=True)]
 
 
-def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
-    if train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[train.dtype]
-
-
-def param_groups(params: list[Tensor]) -> list[dict[str, Any]]:
-    """Weight decay applies to matrices only, not to vectors (norms, biases, mixing vectors)."""
-    matrices = [p for p in params if p.ndim >= 2]
-    vectors = [p for p in params if p.ndim < 2]
-    return [{"params": matrices, "decays": True}, {"params": vectors, "decays": False, "weight_decay": 0.0}]
-
-
-def make_optimizer(params: list[Tensor], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Tensor], lr_scales: list[float]) -> torch.optim.Optimizer:
     """torch's fused AdamW (on the CPU too): one kernel for all parameters, and it honours
     `found_inf`, which lets a step be skipped without reading anything back to the host."""
-    return torch.optim.AdamW(param_groups(params), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    return torch.optim.AdamW(param_groups(params, lr_scales), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
 
 
 class Engine:
@@ -75,7 +67,7 @@ class Engine:
 
     def set_schedule(self, lr: float, weight_decay: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             group["weight_decay"] = weight_decay if group.get("decays", True) else 0.0
 
     def all_reduce_sum(self, value: Tensor) -> Tensor:
@@ -100,7 +92,8 @@ class PlainEngine(Engine):
     their own master weights.
     """
 
-    def __init__(self, trainable: dict[str, nn.Parameter], train: TrainConfig, device: torch.device):
+    def __init__(self, trainable: dict[str, nn.Parameter], train: TrainConfig, device: torch.device,
+                 lr_scales: dict[str, float] | None = None):
         self.trainable = trainable
         self.device = device
         self.grad_accum = train.grad_accum
@@ -109,13 +102,15 @@ class PlainEngine(Engine):
         self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         # The parameters that have a copy of their own, and those copies.
         self.copied = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
-        self.optimizer = make_optimizer(self.masters, device)
+        scales = [1.0 if lr_scales is None else lr_scales[name] for name in trainable]
+        self.optimizer = make_optimizer(self.masters, scales)
         self._losses_finite = torch.ones((), dtype=torch.bool, device=device)
 
     def backward(self, loss: Tensor) -> None:
         self._losses_finite &= torch.isfinite(loss.detach())
         (loss / self.grad_accum).backward()
 
+    @record_function("optimizer")
     def finish_step(self) -> tuple[Tensor, Tensor]:
         """Clip and step; returns (gradient norm before clipping, whether the step was applied), both
         on the device. A step with a non-finite loss or gradient changes neither the weights nor the
@@ -168,7 +163,8 @@ class DeepSpeedEngine(Engine):
     master weights), optional CPU offload."""
 
     def __init__(self, model: nn.Module, trainable: dict[str, nn.Parameter], train: TrainConfig,
-                 engine: EngineConfig, device: torch.device, dtype: torch.dtype):
+                 engine: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 lr_scales: dict[str, float] | None = None):
         try:
             import deepspeed
         except ImportError:
@@ -179,15 +175,16 @@ class DeepSpeedEngine(Engine):
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         config = deepspeed_config(train, engine, dtype)
         params = list(trainable.values())
+        scales = [1.0 if lr_scales is None else lr_scales[name] for name in trainable]
         if offloads_optimizer(config):
             # The optimizer steps on the CPU, where torch's AdamW would be the bottleneck (and
             # DeepSpeed refuses it): DeepSpeed's vectorised CPU Adam, in AdamW mode, built on first use.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(param_groups(params), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS,
+            optimizer = DeepSpeedCPUAdam(param_groups(params, scales), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS,
                                          adamw_mode=True)
         else:
-            optimizer = make_optimizer(params, device)
+            optimizer = make_optimizer(params, scales)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, model_parameters=None)
         self.params = params
@@ -240,10 +237,7 @@ class DeepSpeedEngine(Engine):
         time, onto the main process's CPU (None on the others)."""
         if self.engine.zero_optimization_stage() < 3:
             return None
-        state = self.engine._zero3_consolidated_16bit_state_dict()  # the weights in the model's dtype
-        if state is None:
-            return None
-        return {name.removeprefix("model."): tensor for name, tensor in state.items() if name.startswith("model.")}
+        return self.engine._zero3_consolidated_16bit_state_dict()  # the weights in the model's dtype
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
@@ -255,10 +249,32 @@ class DeepSpeedEngine(Engine):
 
 
 def make_engine(model: nn.Module, trainable: dict[str, nn.Parameter], train: TrainConfig, engine: EngineConfig,
-                device: torch.device, dtype: torch.dtype) -> Engine:
+                device: torch.device, dtype: torch.dtype, lr_scales: dict[str, float] | None = None) -> Engine:
+    """The configured engine over `trainable`; lr_scales: each parameter's share of the learning rate."""
     if engine.kind == "deepspeed":
-        return DeepSpeedEngine(model, trainable, train, engine, device, dtype)
-    return PlainEngine(trainable, train, device)
+        return DeepSpeedEngine(model, trainable, train, engine, device, dtype, lr_scales)
+    return PlainEngine(trainable, train, device, lr_scales)
+
+
+def join_process_group(engine: EngineConfig, device: torch.device) -> None:
+    """Under a DeepSpeed launch, join the launch's process group now (DeepSpeed would when its engine
+    is built), so that work before the first engine, such as stage 1's calibration, can average over
+    the processes."""
+    if engine.kind == "deepspeed" and not dist.is_initialized():
+        try:
+            import deepspeed
+        except ImportError:
+            raise UserError("engine.kind=deepspeed needs DeepSpeed: pip install 'rwkvinside[deepspeed]'") from None
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def sum_over_processes(values: Tensor) -> Tensor:
+    """The sum of `values` over the processes of a launch; the values themselves in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values)
+    return values
 
 
 def leave_process_group() -> None:

@@ -54,6 +54,14 @@ def budget_fraction(progress: Progress, stage: StageConfig) -> float:
     return min(1.0, max(fractions))
 
 
+def ended_by(progress: Progress, stage: StageConfig) -> str:
+    """The budget that ended a stage: the one furthest spent (each set budget's fraction)."""
+    spent = {"max_steps": progress.step / stage.max_steps if stage.max_steps else 0.0,
+             "max_tokens": progress.tokens / stage.max_tokens if stage.max_tokens else 0.0,
+             "max_time": progress.elapsed / stage.max_time if stage.max_time else 0.0}
+    return max(spent, key=spent.get)
+
+
 def schedule(progress: Progress, stage: StageConfig) -> tuple[float, float]:
     """(learning rate, weight decay): linear warm-up, then cosine decay to lr_final over the budget;
     weight decay moves linearly from its start to its final value."""
@@ -87,7 +95,11 @@ class Trainer:
         self.log = log
 
     def _micro_batch(self) -> dict[str, Tensor]:
+        """The next batch on the device. A padding mask that masks nothing (packed text) stays behind,
+        read here on the host: every converted layer would otherwise multiply it into its input."""
         batch = next(self.loader)
+        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def step(self, progress: Progress) -> dict[str, float]:
@@ -124,6 +136,9 @@ class Trainer:
     def run(self, progress: Progress) -> Progress:
         self.model.train()
         last_save = progress.step
+        if self.engine.device.type == "cuda":
+            self.log.waiting("the first step compiles and autotunes the GPU kernels for these shapes "
+                             "(minutes on a machine that has not run them before)")
         while budget_fraction(progress, self.stage_config) < 1.0:
             started = time.monotonic()
             record = self.step(progress)

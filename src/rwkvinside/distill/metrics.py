@@ -41,10 +41,16 @@ class RunLog:
                 self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=initial_step + 1)
             except ImportError:
                 logger.warning("tensorboard is not installed; scalars go to log.jsonl only")
-        if progress:
+        if progress and logger.isEnabledFor(logging.INFO):  # -q: no bar
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial_step, desc=tag, unit="step", dynamic_ncols=True)
+
+    def waiting(self, what: str) -> None:
+        """Say what the run waits for before its next record (the bar's description, and a log line)."""
+        logger.info("%s: %s", self.tag, what)
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
 
     def write(self, record: dict[str, Any], remaining_s: float | None) -> None:
         if self.file is None:

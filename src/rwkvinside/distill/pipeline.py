@@ -13,7 +13,6 @@ stages and continues the unfinished one from its last checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -27,24 +26,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from rwkvinside.config import Config, load_config, save_config
-from rwkvinside.data import DataConfig as LoaderConfig
-from rwkvinside.data import build_train_loader, heldout_batches, resolve_sources
+from rwkvinside.config import (Config, WeightedPath, load_config, resolve_device, resolve_dtype, save_config,
+                               train_entries)
+from rwkvinside.data import build_train_loader, pad_id, resolve_sources
 from rwkvinside.distill.checkpoint import checkpoints, load_checkpoint
-from rwkvinside.distill.engine import (launched_world, leave_process_group, make_engine, read_deepspeed_json,
-                                       resolve_device, resolve_dtype)
-from rwkvinside.distill.loop import Progress, Trainer
+from rwkvinside.distill.engine import (join_process_group, launched_world, leave_process_group, make_engine,
+                                       read_deepspeed_json, sum_over_processes)
+from rwkvinside.distill.loop import Progress, Trainer, ended_by
 from rwkvinside.distill.metrics import RunLog, plot_alignment, read_log
 from rwkvinside.distill.stages import STAGES, Stage
 from rwkvinside.errors import UserError
-from rwkvinside.evaluation.perplexity import perplexity, teacher_hidden_fn
-from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
+from rwkvinside.evaluation.compare import compare_on_file
+from rwkvinside.modeling.alignment import (alignment_losses, attach_teacher_attention, calibrate_output_scale,
+                                           detach_teacher_attention, is_aligning, learning_rate_scales,
+                                           select_trainable, swap_scores)
+from rwkvinside.modeling.convert import ConversionSpec, convert, keep_teacher_attention
 from rwkvinside.modeling.loading import load_teacher, resolve_teacher
-from rwkvinside.modeling.student import load_student, read_metadata, save_student
+from rwkvinside.modeling.student import RWKVInsideForCausalLM
+from rwkvinside.modeling.student_folder import (STUDENT, load_student, read_metadata, resolve_student_folder,
+                                               save_student)
 
 logger = logging.getLogger(__name__)
 
-STUDENT = "student"
 
 
 @dataclass
@@ -99,35 +102,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Teachers:
-    """The teacher, loaded once per run: each stage that converts or consults it gets a copy
-    only if a later stage still needs it."""
+class Teacher:
+    """The teacher, loaded once per run on first use and kept while a stage still needs it.
+
+    Converting and aligning use it on the training device; stage 2's logits come from it on the CPU
+    instead when train.teacher_device is "cpu" (`model(offloaded=True)` moves it there).
+    """
 
     def __init__(self, config: Config, device: torch.device, dtype: torch.dtype):
         self.config = config
         self.device = device
         self.dtype = dtype
         self._model: nn.Module | None = None
-        self.tokenizer = None
+        self._tokenizer = None
 
-    def _load(self) -> nn.Module:
+    def model(self, offloaded: bool = False) -> nn.Module:
         if self._model is None:
             logger.info("loading teacher %s", self.config.teacher.source)
-            self._model, self.tokenizer = load_teacher(self.config.teacher.source, dtype=self.dtype,
-                                                       device="cpu",
-                                                       trust_remote_code=self.config.teacher.trust_remote_code)
-        return self._model
+            self._model, self._tokenizer = load_teacher(
+                self.config.teacher.source, dtype=self.dtype, device="cpu",
+                trust_remote_code=self.config.teacher.trust_remote_code)
+            self._model.requires_grad_(False)
+        on_cpu = offloaded and self.config.train.teacher_device == "cpu"
+        return self._model.to(torch.device("cpu") if on_cpu else self.device).eval()
 
-    def get(self, keep: bool, device: torch.device | None = None) -> nn.Module:
-        model = self._load()
-        if keep:
-            model = copy.deepcopy(model)
-        else:
-            self._model = None
-        return model.to(device or self.device)
+    def tokenizer(self):
+        self.model()
+        return self._tokenizer
+
+    def release(self) -> None:
+        self._model = None
 
 
-def stage_data(stage: Stage, config: Config) -> list[str]:
+def stage_data(stage: Stage, config: Config) -> list[str | WeightedPath]:
     paths = config.data.chat if stage.data == "chat" else config.data.train
     if not paths:
         flag = "data.chat=PATH (chat JSONL/Parquet with `messages`)" if stage.data == "chat" else "--data PATH"
@@ -142,34 +149,34 @@ def check_inputs(config: Config, plan: RunPlan) -> None:
     if plan.init_from is not None and first == 1:
         raise UserError("--init-from applies to stages 2 and 3; stage 1 starts from the teacher")
     if plan.init_from is None and first != 1:
-        raise UserError(f"stage {first} starts from a student: give --init-from with the "
-                        "output of the previous stage (e.g. runs/<run>/stage1/student)")
+        raise UserError(f"stage {first} starts from a student: give --init-from with the output of the "
+                        "previous stage (its run folder, or e.g. runs/<run>/stage1/student)")
     stages = [STAGES[number] for number in plan.stages]
     if any(stage.aligns or stage.needs_teacher for stage in stages):
         resolve_teacher(config.teacher.source)
     for stage in stages:
-        resolve_sources(stage_data(stage, config))
+        resolve_sources([path for path, _ in train_entries(stage_data(stage, config))])
     if config.data.eval and config.data.eval_tokens:
         resolve_sources(config.data.eval)
     if plan.init_from is not None:
         read_metadata(Path(plan.init_from))
     if config.engine.kind == "deepspeed" and config.engine.deepspeed_config:
         read_deepspeed_json(config.engine.deepspeed_config)
+    if config.convert.keep_attention and 1 in plan.stages and config.engine.kind == "deepspeed" \
+            and config.engine.zero_stage == 3:
+        raise UserError("convert.keep_attention rebuilds the student after stage 1, which needs its weights whole; "
+                        "use engine.zero_stage 0-2 for stage 1")
 
 
 def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: int):
-    paths = stage_data(stage, config)
-    loader_config = LoaderConfig(paths=list(paths), seq_len=config.data.seq_len, batch_size=config.train.batch_size,
-                                 seed=config.data.seed, streaming=config.data.streaming,
-                                 shuffle_buffer=config.data.shuffle_buffer)
-    return build_train_loader(loader_config, tokenizer, chat=stage.data == "chat", rank=rank, world_size=world_size)
+    return build_train_loader(config.data, stage_data(stage, config), config.train.batch_size, tokenizer,
+                              chat=stage.data == "chat", rank=rank, world_size=world_size)
 
 
-def heldout_perplexity(hidden, head, config: Config, tokenizer, device) -> tuple[float, int] | None:
-    if not config.data.eval or not config.data.eval_tokens:
-        return None
-    batches = heldout_batches(config.data.eval, tokenizer, config.data.seq_len, batch_size=config.train.batch_size)
-    return perplexity(hidden, head, batches, device, max_tokens=config.data.eval_tokens, chunk=config.train.loss_chunk)
+def conversion_spec(config: Config) -> ConversionSpec:
+    c = config.convert
+    return ConversionSpec(layers=tuple(c.layers) if c.layers is not None else None, head_size=c.head_size,
+                          init=c.init, untie_embeddings=c.untie_embeddings)
 
 
 class Pipeline:
@@ -179,9 +186,9 @@ class Pipeline:
         self.plan = plan
         self.resume = resume
         self.rank, self.local_rank, self.world_size = launched_world()
-        self.device = resolve_device(config.train, self.local_rank)
-        self.dtype = resolve_dtype(config.train, self.device)
-        self.teachers = Teachers(config, self.device, self.dtype)
+        self.device = resolve_device(config.train.device, self.local_rank)
+        self.dtype = resolve_dtype(config.train.dtype, self.device)
+        self.teacher = Teacher(config, self.device, self.dtype)
         self.report: dict[str, Any] = {"output": str(folder), "stages": {}}
 
     @property
@@ -190,54 +197,60 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         previous = Path(self.plan.init_from) if self.plan.init_from else None
+        join_process_group(self.config.engine, self.device)
         self._baseline()
         for number in self.plan.stages:
             previous = self._stage(number, previous)
+        if self.is_main:  # from the saved student: no collective (ZeRO-3) is left to take part in
+            student, tokenizer, _ = load_student(previous, dtype=self.dtype, device=self.device)
+            self.report["continuations"] = self._continuations(student, tokenizer)
+        self.teacher.release()
         self._write_report()
         return self.report
 
-    def _later_needs_teacher(self, number: int) -> bool:
-        return any(STAGES[n].needs_teacher or (STAGES[n].aligns and n != number)
-                   for n in self.plan.stages if n > number)
+    def _teacher_needed_after(self, number: int) -> bool:
+        return any(STAGES[n].needs_teacher or STAGES[n].aligns for n in self.plan.stages if n > number)
+
+
+    def _heldout(self, model: nn.Module, teacher: nn.Module | None, tokenizer) -> list[dict[str, Any]] | None:
+        """Each held-out file's scores (data.eval_tokens target tokens of it), with the teacher beside
+        the model where one is given; None when data.eval or data.eval_tokens is unset."""
+        data = self.config.data
+        if not data.eval or not data.eval_tokens:
+            return None
+        model.eval()
+        return [compare_on_file(path, model, teacher, tokenizer, data.seq_len, self.config.train.batch_size,
+                                self.device, data.eval_tokens, self.config.train.loss_chunk)
+                for path in resolve_sources(data.eval)]
 
     def _baseline(self) -> None:
-        """Held-out perplexity of the teacher and of the freshly converted student, for the report."""
-        scores = self.config.data.eval and self.config.data.eval_tokens
-        if not scores or self.plan.stages[0] != 1 or "baseline" in self.report:
+        """Held-out scores of the teacher and of the freshly converted student, for the report."""
+        if self.plan.stages[0] != 1 or "baseline" in self.report:
             return
-        teacher = self.teachers.get(keep=True)
-        tokenizer = self.teachers.tokenizer
-        teacher_ppl = heldout_perplexity(teacher_hidden_fn(teacher), teacher.get_output_embeddings(), self.config,
-                                         tokenizer, self.device)
+        teacher, tokenizer = self.teacher.model(), self.teacher.tokenizer()
+        teacher_scores = self._heldout(teacher, None, tokenizer)
+        if teacher_scores is None:
+            return
         seed_everything(self.config.train.seed)  # the very student stage 1 starts from
-        fresh = HybridModel(teacher, self._spec(), align=False)
-        fresh_ppl = heldout_perplexity(fresh.hidden_states, fresh.lm_head, self.config, tokenizer, self.device)
-        self.report["baseline"] = {"teacher_ppl": teacher_ppl[0], "fresh_student_ppl": fresh_ppl[0],
-                                   "eval_tokens": teacher_ppl[1]}
-        logger.info("held-out perplexity: teacher %.2f, freshly converted student %.2f", teacher_ppl[0], fresh_ppl[0])
-        del fresh, teacher
+        fresh_scores = self._heldout(convert(teacher, conversion_spec(self.config)), teacher, tokenizer)
+        self.report["baseline"] = {"teacher": teacher_scores, "fresh_student": fresh_scores}
+        for ours, fresh in zip(teacher_scores, fresh_scores):
+            logger.info("held-out %s: perplexity of the teacher %.2f, of the freshly converted student %.2f",
+                        Path(ours["path"]).name, ours["student_ppl"], fresh["student_ppl"])
 
-    def _spec(self) -> ConversionSpec:
-        c = self.config.convert
-        return ConversionSpec(layers=tuple(c.layers) if c.layers is not None else None, head_size=c.head_size,
-                              init=c.init)
-
-    def _build(self, stage: Stage, previous: Path | None) -> tuple[HybridModel, Any, nn.Module | None]:
+    def _build(self, stage: Stage, previous: Path | None) -> tuple[RWKVInsideForCausalLM, Any, nn.Module | None]:
+        """The stage's student (stage 1 converts the teacher and attaches its attentions; later stages
+        load the previous stage's student), its tokenizer, and the whole teacher where the stage needs it."""
         if stage.aligns:
             seed_everything(self.config.train.seed)
-            teacher = self.teachers.get(keep=self._later_needs_teacher(stage.number))
-            model, tokenizer = HybridModel(teacher, self._spec(), align=True), self.teachers.tokenizer
+            teacher = self.teacher.model()
+            student, tokenizer = convert(teacher, conversion_spec(self.config)), self.teacher.tokenizer()
+            attach_teacher_attention(student, teacher)
         else:
-            model, tokenizer, _ = load_student(previous, dtype=self.dtype, device=self.device)
-        full_teacher = None
-        if stage.needs_teacher:
-            on_cpu = self.config.train.teacher_device == "cpu"
-            full_teacher = self.teachers.get(keep=self._later_needs_teacher(stage.number),
-                                             device=torch.device("cpu") if on_cpu else None)
-            full_teacher.requires_grad_(False).eval()
-        if tokenizer is None:
-            raise UserError(f"the student checkpoint {previous} has no tokenizer files; re-run the stage that wrote it")
-        return model, tokenizer, full_teacher
+            student, tokenizer, _ = load_student(previous, dtype=self.dtype, device=self.device)
+            if tokenizer is None:
+                raise UserError(f"the student {previous} has no tokenizer files; re-run the stage that wrote it")
+        return student, tokenizer, self.teacher.model(offloaded=True) if stage.needs_teacher else None
 
     def _stage(self, number: int, previous: Path | None) -> Path:
         stage, stage_config = STAGES[number], self.config.stage(number)
@@ -248,15 +261,21 @@ class Pipeline:
             self.report["stages"][number] = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
             return student_folder
         logger.info("stage %d: %s", number, stage.name)
-        model, tokenizer, teacher = self._build(stage, previous)
-        model.select_trainable(stage_config.trainable)
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if self.config.train.activation_checkpointing:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student, tokenizer, teacher = self._build(stage, previous)
         loader = loader_for(stage, self.config, tokenizer, self.rank, self.world_size)
-        engine = make_engine(model, trainable, self.config.train, self.config.engine, self.device, self.dtype)
-        progress = Progress()
         saved = checkpoints(folder) if self.resume else []
+        if stage.aligns and self.config.convert.init == "teacher" and not saved:
+            batch = self._batches(loader, 1)[0]
+            factors = calibrate_output_scale(student, batch["input_ids"], batch["attention_mask"],
+                                             reduce=sum_over_processes)
+            logger.info("stage 1: output scale calibrated per layer (factors %.3g to %.3g)",
+                        min(factors.values()), max(factors.values()))
+        trainable = select_trainable(student, stage_config.trainable)
+        if self.config.train.activation_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        engine = make_engine(student, trainable, self.config.train, self.config.engine, self.device, self.dtype,
+                             learning_rate_scales(student, trainable, stage_config.teacher_lr_scale))
+        progress = Progress()
         if saved:
             state = load_checkpoint(saved[-1], engine)
             progress = Progress(**state["progress"])
@@ -264,31 +283,98 @@ class Pipeline:
             logger.info("resuming stage %d from %s (step %d)", number, saved[-1], progress.step)
         log = RunLog(folder if self.is_main else None, f"stage{number}", stage_config.max_steps or None,
                      self.config.log.progress, self.config.log.tensorboard, initial_step=progress.step)
-        trainer = Trainer(stage, self.config, model, teacher, loader, engine, folder, log)
+        trainer = Trainer(stage, self.config, student, teacher, loader, engine, folder, log)
         try:
             progress = trainer.run(progress)
         finally:
             log.close()
-        summary = self._summarise(stage, folder, progress, model, tokenizer)
-        weights = engine.whole_weights(model)
+        kept = None
+        if stage.aligns and self.config.convert.keep_attention:
+            student, kept = self._keep_attention(student, loader, engine)
+        if is_aligning(student):
+            detach_teacher_attention(student)
+        summary = self._summarise(stage, folder, progress, student, tokenizer)
+        if kept is not None:
+            summary["kept_attention"] = kept
+        if not self._teacher_needed_after(number) and number != self.plan.stages[-1]:
+            self.teacher.release()
+        weights = engine.whole_weights(student)
         if self.is_main:
-            provenance = {"teacher": self.config.teacher.source, "stage": number, "tokens": progress.tokens,
-                          "steps": progress.step, "history": self._history(previous, number, progress)}
+            student.config.trained_context = self.config.data.seq_len
+            provenance = {"teacher": self.config.teacher.source, "run": str(self.folder.resolve()),
+                          "stage": number, "tokens": progress.tokens, "steps": progress.step,
+                          "history": self._history(previous, number, progress)}
             # the student folder marks the stage as finished for --resume: the summary goes first
             (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-            save_student(model, tokenizer, student_folder, provenance, weights)
+            save_student(student, tokenizer, student_folder, provenance, weights)
         engine.barrier()
         self.report["stages"][number] = summary
         return student_folder
 
+    def _continuations(self, student: RWKVInsideForCausalLM, tokenizer) -> list[dict[str, str | None]]:
+        """The final student's and the teacher's greedy continuations of the same prompts (the chat one
+        through the tokenizer's chat template, where it has one)."""
+        uses_teacher = any(STAGES[n].aligns or STAGES[n].needs_teacher for n in self.plan.stages)
+        teacher = self.teacher.model() if uses_teacher else None
+        prompts = list(CONTINUATION_PROMPTS)
+        if tokenizer.chat_template:
+            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], tokenize=False,
+                                                         add_generation_prompt=True))
+        student.eval()
+        rows = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+            row = {"prompt": prompt}
+            for name, model in (("student", student), ("teacher", teacher)):
+                row[name] = None
+                if model is not None:
+                    with torch.no_grad():
+                        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=CONTINUATION_TOKENS,
+                                             do_sample=False, pad_token_id=pad_id(tokenizer))
+                    row[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            rows.append(row)
+        return rows
+
+    def _batches(self, loader, count: int) -> list[dict[str, torch.Tensor]]:
+        """The next `count` training batches on the device, as the model takes them."""
+        batches = [next(loader) for _ in range(count)]
+        return [{"input_ids": b["input_ids"].to(self.device), "attention_mask": b["attention_mask"].to(self.device),
+                 "labels": b["labels"].to(self.device)} for b in batches]
+
+    def _keep_attention(self, student: RWKVInsideForCausalLM, loader, engine) -> tuple[RWKVInsideForCausalLM, dict]:
+        """keep_attention: score every candidate layer on two fresh training batches (the same scores
+        on every process: they are averaged), give the worst back to the teacher's attention."""
+        convert_config = self.config.convert
+        candidates = list(student.rwkv_layers[1:])  # the first converted layer makes v_first
+        batches = self._batches(loader, 2)
+        student.eval()
+        with torch.no_grad():
+            if convert_config.keep_criterion == "kl":
+                scores = swap_scores(student, self.teacher.model(), batches, candidates, self.config.train.loss_chunk)
+            else:
+                relative = self.config.stage1.alignment_loss == "relative"
+                losses = [alignment_losses(student, b["input_ids"], b["attention_mask"], relative=relative)
+                          for b in batches]
+                scores = {i: float(sum(loss[i] for loss in losses) / len(losses)) for i in candidates}
+        averaged = engine.all_reduce_sum(torch.tensor([scores[i] for i in candidates], device=self.device))
+        scores = dict(zip(candidates, (averaged / self.world_size).tolist()))
+        kept = sorted(sorted(candidates, key=scores.get, reverse=True)[:convert_config.keep_attention])
+        logger.info("keeping attention in layers %s (%s: %s)", kept, convert_config.keep_criterion,
+                    {i: round(v, 4) for i, v in scores.items()})
+        detach_teacher_attention(student)
+        student = keep_teacher_attention(student, self.teacher.model(), kept)
+        return student, {"criterion": convert_config.keep_criterion, "layers": kept,
+                         "scores": {str(i): v for i, v in scores.items()}}
+
     def _history(self, previous: Path | None, number: int, progress: Progress) -> list[dict[str, Any]]:
-        history = []
-        if previous is not None:
-            history = json.loads((previous / "rwkvinside.json").read_text(encoding="utf-8")).get("history", [])
+        history = read_metadata(previous).get("history", []) if previous is not None else []
         return history + [{"stage": number, "tokens": progress.tokens, "steps": progress.step}]
 
-    def _summarise(self, stage: Stage, folder: Path, progress: Progress, model: HybridModel, tokenizer) -> dict:
-        summary: dict[str, Any] = {"stage": stage.number, "name": stage.name, **asdict(progress)}
+    def _summarise(self, stage: Stage, folder: Path, progress: Progress, student: RWKVInsideForCausalLM,
+                   tokenizer) -> dict:
+        stage_config = self.config.stage(stage.number)
+        summary: dict[str, Any] = {"stage": stage.number, "name": stage.name, **asdict(progress),
+                                   "ended_by": ended_by(progress, stage_config)}
         log_path = folder / "log.jsonl"
         if self.is_main and log_path.is_file():
             records = read_log(log_path)
@@ -298,13 +384,13 @@ class Pipeline:
                 if stage.aligns:
                     plot_alignment(records, folder / "alignment.png")
                     summary["final_alignment_by_layer"] = {k: v for k, v in last.items() if k.startswith("align/")}
-        if model.aligning:
-            model.drop_teacher_attention()
-        model.eval()
-        student_ppl = heldout_perplexity(model.hidden_states, model.lm_head, self.config, tokenizer, self.device)
-        if student_ppl is not None:
-            summary["student_ppl"], summary["eval_tokens"] = student_ppl
-            logger.info("stage %d: held-out perplexity of the student %.2f", stage.number, student_ppl[0])
+        uses_teacher = any(STAGES[n].aligns or STAGES[n].needs_teacher for n in self.plan.stages)
+        heldout = self._heldout(student, self.teacher.model() if uses_teacher else None, tokenizer)
+        if heldout is not None:
+            summary["heldout"] = heldout
+            for scores in heldout:
+                logger.info("stage %d: held-out %s: perplexity of the student %.2f", stage.number,
+                            Path(scores["path"]).name, scores["student_ppl"])
         return summary
 
     def _write_report(self) -> None:
@@ -314,18 +400,57 @@ class Pipeline:
         (self.folder / "report.md").write_text(render_report(self.report), encoding="utf-8")
 
 
+CONTINUATION_PROMPTS = ("The capital of France is", "Once upon a time, there was a little girl",
+                        "The three laws of thermodynamics state that", "def fibonacci(n):")
+CHAT_PROMPT = "What is the boiling point of water in degrees Fahrenheit?"
+CONTINUATION_TOKENS = 40
+
+
+def _ratio(student: float, teacher: float | None) -> str:
+    return f"{student / teacher:.3f}x" if teacher else ""
+
+
 def render_report(report: dict[str, Any]) -> str:
-    lines = [f"# Distillation report: {report['output']}", ""]
-    base = report.get("baseline")
-    if base:
-        lines += [f"Held-out perplexity ({base['eval_tokens']} tokens): teacher {base['teacher_ppl']:.2f}, "
-                  f"freshly converted student {base['fresh_student_ppl']:.2f}.", ""]
-    lines += ["| stage | steps | tokens | time (s) | final loss | student ppl |", "|---|---|---|---|---|---|"]
-    for number, s in sorted(report["stages"].items(), key=lambda item: int(item[0])):
+    """report.md: the stages, then each held-out file with teacher and student side by side."""
+    lines = [f"# Distillation report: {report['output']}", "",
+             "| stage | steps | tokens | time (s) | ended by | final loss |", "|---|---|---|---|---|---|"]
+    stages = sorted(report["stages"].items(), key=lambda item: int(item[0]))
+    for number, s in stages:
         loss = s.get("final", {}).get("loss")
-        ppl = s.get("student_ppl")
         lines.append(f"| {number} ({s['name']}) | {s['step']} | {s['tokens']} | {s['elapsed']:.0f} | "
-                     f"{'' if loss is None else f'{loss:.4g}'} | {'' if ppl is None else f'{ppl:.2f}'} |")
+                     f"{s.get('ended_by', '')} | {'' if loss is None else f'{loss:.4g}'} |")
+    base = report.get("baseline")
+    teacher_ppl = {f["path"]: f["student_ppl"] for f in base["teacher"]} if base else {}
+    rows = []
+    if base:
+        rows += [(f["path"], "teacher", f["student_ppl"], None, None) for f in base["teacher"]]
+        rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"])
+                 for f in base["fresh_student"]]
+    for number, s in stages:
+        rows += [(f["path"], f"student after stage {number}", f["student_ppl"], f["agreement"], f["kl"])
+                 for f in s.get("heldout") or []]
+    if rows:
+        lines += ["", "Held-out text in windows of the training length, each file scored on up to "
+                  "data.eval_tokens target tokens:", "",
+                  "| file | model | perplexity | x teacher | agreement with the teacher | KL(teacher ‖ model) |",
+                  "|---|---|---|---|---|---|"]
+        for path, model, ppl, agreement, kl in sorted(rows, key=lambda row: row[0]):
+            lines.append(f"| {Path(path).name} | {model} | {ppl:.2f} | {_ratio(ppl, teacher_ppl.get(path))} | "
+                         f"{'' if agreement is None else f'{agreement:.1%}'} | {'' if kl is None else f'{kl:.4f}'} |")
+    for number, s in stages:
+        kept = s.get("kept_attention")
+        if kept:
+            lines += ["", f"Stage {number} gave layers {', '.join(map(str, kept['layers']))} back to the teacher's "
+                      f"attention (keep_attention, judged by {kept['criterion']}; the higher, the worse):", "",
+                      "| layer | score |", "|---|---|"]
+            lines += [f"| {layer} | {score:.4g} |" for layer, score in kept["scores"].items()]
+    if report.get("continuations"):
+        lines += ["", "Greedy continuations of the final student and the teacher:", ""]
+        for row in report["continuations"]:
+            lines += [f"- prompt: {json.dumps(row['prompt'], ensure_ascii=False)}",
+                      f"  - student: {json.dumps(row['student'], ensure_ascii=False)}"]
+            if row["teacher"] is not None:
+                lines.append(f"  - teacher: {json.dumps(row['teacher'], ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
 
 
@@ -340,6 +465,8 @@ def distill(config_path: str | None, overrides: list[str], stage: str, output: s
         plan = RunPlan(**json.loads((folder / "run.json").read_text(encoding="utf-8")))
     else:
         config = load_config(config_path, overrides)
+        if init_from is not None:  # a run folder stands for its last stage's student
+            init_from = str(resolve_student_folder(init_from))
         plan = RunPlan(stages=plan_stages(stage, config), init_from=init_from)
     check_inputs(config, plan)
     if not resume and rank == 0:

@@ -1,6 +1,8 @@
 """The three stages as data: what each needs, which data it reads, and its loss.
 
-The training loop knows nothing stage-specific; it asks the Stage.
+The training loop knows nothing stage-specific; it asks the Stage. The `record_function` ranges
+name the parts of a step in a torch.profiler trace (benchmarks/bench_stages.py); without a
+profiler they cost nothing measurable.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from rwkvinside.config import StageConfig
-from rwkvinside.distill.losses import IGNORE_INDEX, distill_terms, mean_alignment_loss
-from rwkvinside.modeling.hybrid import HybridModel
+from rwkvinside.data import target_tokens
+from rwkvinside.modeling.alignment import alignment_losses
+from rwkvinside.modeling.student import RWKVInsideForCausalLM
+from rwkvinside.scoring import final_hidden_states, score
 
 
 @dataclass
@@ -28,48 +33,44 @@ class StepLoss:
 
 def real_tokens(batch: dict[str, Tensor]) -> Tensor:
     """Stage 1 aligns every real (non-padding) position."""
-    return batch["attention_mask"].sum()
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].new_tensor(batch["input_ids"].numel()) if mask is None else mask.sum()
 
 
-def target_tokens(batch: dict[str, Tensor]) -> Tensor:
-    """Stages 2 and 3 train every position with a target."""
-    return (batch["labels"] != IGNORE_INDEX).sum()
-
-
-def alignment_step(model: HybridModel, teacher: nn.Module | None, batch: dict[str, Tensor],
+def alignment_step(model: RWKVInsideForCausalLM, teacher: nn.Module | None, batch: dict[str, Tensor],
                    stage: StageConfig, loss_chunk: int) -> StepLoss:
-    per_layer = model.alignment_losses(batch["input_ids"], batch["attention_mask"])  # means over real tokens
+    """The mean of the per-layer alignment losses (each a mean over real tokens), times the tokens."""
+    per_layer = alignment_losses(model, batch["input_ids"], batch.get("attention_mask"),
+                                 relative=stage.alignment_loss == "relative")
     tokens = real_tokens(batch)
-    loss = mean_alignment_loss(per_layer) * tokens
+    loss = torch.stack(list(per_layer.values())).mean() * tokens
     metrics = {"align": loss.detach()} | {f"align/layer_{i:02d}": v.detach() * tokens for i, v in per_layer.items()}
     return StepLoss(loss, metrics)
 
 
-def distillation_step(model: HybridModel, teacher: nn.Module, batch: dict[str, Tensor],
+def distillation_step(model: RWKVInsideForCausalLM, teacher: nn.Module, batch: dict[str, Tensor],
                       stage: StageConfig, loss_chunk: int) -> StepLoss:
-    student_hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
     teacher_device = teacher.get_input_embeddings().weight.device
-    with torch.no_grad():
-        teacher_hidden = teacher.base_model(
-            input_ids=batch["input_ids"].to(teacher_device),
-            attention_mask=batch["attention_mask"].to(teacher_device),
-            use_cache=False,
-        ).last_hidden_state
-    terms = distill_terms(
-        student_hidden, batch["labels"], model.lm_head,
-        teacher_hidden=teacher_hidden.to(student_hidden.device), teacher_head=_OnDevice(teacher),
-        temperature=stage.temperature, chunk=loss_chunk,
-    )
-    loss = stage.kl_weight * terms.kl + stage.ce_weight * terms.student_ce
-    metrics = {"kl": terms.kl.detach(), "student_ce": terms.student_ce.detach(), "teacher_ce": terms.teacher_ce}
-    return StepLoss(loss, metrics)
+    with torch.no_grad(), record_function("teacher forward"):
+        mask = batch.get("attention_mask")
+        teacher_hidden = final_hidden_states(teacher, batch["input_ids"].to(teacher_device),
+                                             None if mask is None else mask.to(teacher_device))
+    student_hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"))
+    with record_function("loss"):
+        scores = score(student_hidden, model.lm_head, batch["labels"], teacher_hidden.to(student_hidden.device),
+                       _OnDevice(teacher), temperature=stage.temperature, kl_weight=stage.kl_weight,
+                       ce_weight=stage.ce_weight, chunk=loss_chunk)
+    metrics = {"kl": scores.kl, "student_ce": scores.student_ce, "teacher_ce": scores.teacher_ce,
+               "agreement": scores.agreement}
+    return StepLoss(scores.loss, metrics)
 
 
-def sft_step(model: HybridModel, teacher: nn.Module | None, batch: dict[str, Tensor],
+def sft_step(model: RWKVInsideForCausalLM, teacher: nn.Module | None, batch: dict[str, Tensor],
              stage: StageConfig, loss_chunk: int) -> StepLoss:
-    student_hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-    terms = distill_terms(student_hidden, batch["labels"], model.lm_head, chunk=loss_chunk)
-    return StepLoss(terms.student_ce, {"student_ce": terms.student_ce.detach()})
+    student_hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"))
+    with record_function("loss"):
+        scores = score(student_hidden, model.lm_head, batch["labels"], ce_weight=1.0, chunk=loss_chunk)
+    return StepLoss(scores.loss, {"student_ce": scores.student_ce})
 
 
 class _OnDevice(nn.Module):

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from rwkvinside.errors import UserError
-from rwkvinside.evaluation.compare import Side, compare_on_file
+from rwkvinside.data import pad_id
+from rwkvinside.evaluation.compare import compare_on_file
 from rwkvinside.evaluation.passkey import ANSWER_TOKENS, passkey_recall
-from rwkvinside.evaluation.perplexity import teacher_hidden_fn
 from rwkvinside.generation.loading import load_model
 from rwkvinside.modeling.loading import load_teacher
 
@@ -38,14 +38,14 @@ def passkey_lengths(seq_len: int, lengths: Sequence[int] | None) -> list[int]:
     return lengths
 
 
-def _generator(model: nn.Module, pad_id: int):
+def _generator(model: nn.Module, pad: int):
     """prompt ids [1, T] -> the greedy continuation [1, ANSWER_TOKENS] (transformers' generate)."""
     device = next(model.parameters()).device
 
     def generate(ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(device)
         output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=ANSWER_TOKENS,
-                                do_sample=False, use_cache=True, pad_token_id=pad_id)
+                                do_sample=False, use_cache=True, pad_token_id=pad)
         return output[:, ids.shape[1]:]
 
     return generate
@@ -64,7 +64,7 @@ def evaluate(model_folder: str | Path, data: Sequence[str | Path], teacher: str 
              seq_len: int | None = None, lengths: Sequence[int] | None = None, trials: int = 5,
              batch_size: int = 1, max_tokens: int = 0, device: str = "auto",
              dtype: str = "auto") -> dict[str, Any]:
-    """The report for a student (checkpoint or exported folder) against its teacher.
+    """The report for a student (a student, exported or run folder) against its teacher.
 
     teacher: a --teacher source; None takes the one recorded in the checkpoint.
     seq_len: the training length (windows for perplexity, unit of the passkey lengths); None takes
@@ -74,31 +74,28 @@ def evaluate(model_folder: str | Path, data: Sequence[str | Path], teacher: str 
     if seq_len is not None and seq_len <= 0:
         raise UserError(f"--seq-len must be a positive number of tokens, not {seq_len}")
     student, tokenizer, metadata = load_model(model_folder, device, dtype)
-    seq_len = seq_len or metadata["trained_context"] or DEFAULT_SEQ_LEN
+    seq_len = seq_len or student.config.trained_context or DEFAULT_SEQ_LEN
     lengths = passkey_lengths(seq_len, lengths)
     param = student.lm_head.weight
     teacher_model, teacher_source = _load_teacher(teacher or metadata.get("teacher"), param.dtype,
                                                   param.device)
 
-    student_side = Side(student.hidden_states, student.lm_head)
-    teacher_side = (Side(teacher_hidden_fn(teacher_model), teacher_model.get_output_embeddings())
-                    if teacher_model is not None else None)
     files = []
     for path in data:
         logger.info("scoring %s", path)
-        files.append(compare_on_file(Path(path), student_side, teacher_side, tokenizer, seq_len, batch_size,
+        files.append(compare_on_file(Path(path), student, teacher_model, tokenizer, seq_len, batch_size,
                                      param.device, max_tokens))
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     teacher_context = teacher_model.config.max_position_embeddings if teacher_model is not None else None
     rows = []
     for length in lengths:
         logger.info("passkey at %d tokens", length)
         row = {"tokens": length, "multiple": length / seq_len,
-               "student": passkey_recall(_generator(student, pad_id), tokenizer, length, trials),
+               "student": passkey_recall(_generator(student, pad), tokenizer, length, trials),
                "teacher": None, "past_teacher_context": bool(teacher_context and length > teacher_context)}
         if teacher_model is not None:
-            row["teacher"] = passkey_recall(_generator(teacher_model, pad_id), tokenizer, length, trials)
+            row["teacher"] = passkey_recall(_generator(teacher_model, pad), tokenizer, length, trials)
         rows.append(row)
-    return {"model": str(model_folder), "teacher": teacher_source, "seq_len": seq_len,
+    return {"model": str(model_folder), "run": metadata.get("run"), "teacher": teacher_source, "seq_len": seq_len,
             "teacher_context": teacher_context, "files": files, "passkey": {"trials": trials, "rows": rows}}

@@ -2,7 +2,7 @@
 
 The report is a plain dict (what `evaluate` returns and eval.json holds):
 
-    {"model": ..., "teacher": ... or None, "seq_len": N, "teacher_context": N or None,
+    {"model": ..., "run": the run folder or None, "teacher": ... or None, "seq_len": N, "teacher_context": N or None,
      "files": [{"path", "tokens", "student_ppl", "teacher_ppl", "agreement", "kl"}],
      "passkey": {"trials": N, "rows": [{"tokens", "multiple", "student", "teacher", "past_teacher_context"}]}}
 
@@ -22,12 +22,13 @@ PLOT_FILE = "passkey.png"
 PAST_CONTEXT_MARK = "*"
 
 
-def default_output(model_folder: Path) -> Path:
-    """Where `rwkvinside eval` writes by default and where `export` looks for a report: the run's
-    eval/ folder for a checkpoint inside a run (runs/<run>/stage<N>/student), else <model>-eval."""
+def default_output(model_folder: Path, run: str | None) -> Path:
+    """Where `rwkvinside eval` writes by default and where `export` looks for a report: the eval/
+    folder of the run that wrote the student (recorded in its provenance), else <model>-eval."""
+    if run is not None and Path(run).is_dir():
+        return Path(run) / "eval"
     folder = Path(model_folder).resolve()
-    run = folder.parent.parent
-    return run / "eval" if (run / "run.json").is_file() else folder.with_name(folder.name + "-eval")
+    return folder.with_name(folder.name + "-eval")
 
 
 def _number(value: float | None, spec: str) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from rwkvinside.evaluation.report import EVAL_FILE, default_output, markdown_tables
-from rwkvinside.export.configuration import RWKVInsideConfig
+from rwkvinside.evaluation.report import markdown_tables
+from rwkvinside.modeling.configuration import RWKVInsideConfig
 
 USAGE = """\
 ```python
@@ -26,15 +25,6 @@ cache, so those layers cost the same per token at any context length. On CUDA th
 """
 
 
-def find_reports(checkpoint: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(eval report, distillation report) of the run the checkpoint belongs to, where they exist."""
-    candidates = {"eval": default_output(checkpoint) / EVAL_FILE,
-                  "distill": Path(checkpoint).resolve().parent.parent / "report.json"}
-    found = {name: json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-             for name, path in candidates.items()}
-    return found["eval"], found["distill"]
-
-
 def _layers(indices: list[int]) -> str:
     return ("layer " if len(indices) == 1 else "layers ") + ", ".join(map(str, indices))
 
@@ -50,17 +40,22 @@ def _stages(metadata: dict[str, Any]) -> list[str]:
 
 
 def _distill_summary(report: dict[str, Any]) -> list[str]:
+    """One line per held-out file of the run's report: teacher, freshly converted and final student."""
     base = report.get("baseline") or {}
     stages = report.get("stages") or {}
-    last = stages[max(stages, key=int)] if stages else {}
-    if not base.get("teacher_ppl") or not last.get("student_ppl"):
-        return []
-    return [f"Held-out perplexity during distillation: teacher {base['teacher_ppl']:.2f}, freshly converted "
-            f"student {base['fresh_student_ppl']:.2f}, final student {last['student_ppl']:.2f}.", ""]
+    last = stages[max(stages, key=int)].get("heldout") or [] if stages else []
+    by_file = [{Path(f["path"]).name: f["student_ppl"] for f in scores}
+               for scores in (base.get("teacher") or [], base.get("fresh_student") or [], last)]
+    teacher, fresh, final = by_file
+    return [f"Held-out perplexity on {name} during distillation: teacher {teacher[name]:.2f}, freshly converted "
+            f"student {fresh[name]:.2f}, final student {final[name]:.2f}." for name in final
+            if name in teacher and name in fresh] + ([""] if final else [])
 
 
-def model_card(config: RWKVInsideConfig, metadata: dict[str, Any], checkpoint: Path) -> str:
-    """README.md text for an exported folder."""
+def model_card(config: RWKVInsideConfig, metadata: dict[str, Any], evaluation: dict[str, Any] | None = None,
+               distillation: dict[str, Any] | None = None) -> str:
+    """README.md text for an exported folder: `metadata` is the student's provenance, `evaluation` an
+    `rwkvinside eval` report and `distillation` the run's report.json, where there are such."""
     layers = config.rwkv_layers
     total = config.text_config.num_hidden_layers
     kept = [i for i in range(total) if i not in layers]
@@ -85,10 +80,9 @@ def model_card(config: RWKVInsideConfig, metadata: dict[str, Any], checkpoint: P
         *_stages(metadata),
         "",
     ]
-    evaluation, distill = find_reports(checkpoint)
-    if evaluation or distill:
+    if evaluation or distillation:
         lines += ["## Measured retention", ""]
-        lines += _distill_summary(distill) if distill else []
+        lines += _distill_summary(distillation) if distillation else []
         lines += markdown_tables(evaluation) if evaluation else []
     lines += ["## Usage", "", USAGE.format(path="PATH/TO/THIS/FOLDER")]
     return "\n".join(lines)

@@ -15,7 +15,8 @@ from typing import Any, TextIO
 import torch
 
 from rwkvinside.generation.loading import warn_if_longer_than_seen
-from rwkvinside.modeling.hybrid import HybridModel
+from rwkvinside.data import pad_id
+from rwkvinside.modeling.student import RWKVInsideForCausalLM
 from rwkvinside.modeling.state import CACHE_KEYWORD
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def sampling_options(tokenizer, max_new_tokens: int, temperature: float, top_p: 
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "eos_token_id": stop_token_ids(tokenizer),
-        "pad_token_id": tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+        "pad_token_id": pad_id(tokenizer),
         "do_sample": temperature > 0,
     }
     if temperature > 0:
@@ -48,12 +49,11 @@ def sampling_options(tokenizer, max_new_tokens: int, temperature: float, top_p: 
 
 
 @torch.no_grad()
-def generate_text(model: HybridModel, tokenizer, metadata: dict[str, Any], prompt: str,
-                  **options: Any) -> str:
+def generate_text(model: RWKVInsideForCausalLM, tokenizer, prompt: str, **options: Any) -> str:
     """The continuation of `prompt` (options: `sampling_options`)."""
     device = model.lm_head.weight.device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-    warn_if_longer_than_seen(ids.shape[1] + options["max_new_tokens"], model, metadata)
+    warn_if_longer_than_seen(ids.shape[1] + options["max_new_tokens"], model)
     output = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
     return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -61,11 +61,9 @@ def generate_text(model: HybridModel, tokenizer, metadata: dict[str, Any], promp
 class ChatSession:
     """A conversation with a model whose state carries over from turn to turn."""
 
-    def __init__(self, model: HybridModel, tokenizer, metadata: dict[str, Any], options: dict[str, Any],
-                 system: str | None = None):
+    def __init__(self, model: RWKVInsideForCausalLM, tokenizer, options: dict[str, Any], system: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.metadata = metadata
         self.options = options
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.cache = model.new_cache()
@@ -86,7 +84,7 @@ class ChatSession:
         new = self.tokenizer(rendered[len(self.text):], add_special_tokens=False,
                              return_tensors="pt")["input_ids"]
         ids = torch.cat([self.ids, new.to(self.ids.device)], dim=1)
-        warn_if_longer_than_seen(ids.shape[1] + self.options["max_new_tokens"], self.model, self.metadata)
+        warn_if_longer_than_seen(ids.shape[1] + self.options["max_new_tokens"], self.model)
         output = self.model.generate(ids, attention_mask=torch.ones_like(ids), **{CACHE_KEYWORD: self.cache},
                                      **self.options)
         answer = output[0, ids.shape[1]:]

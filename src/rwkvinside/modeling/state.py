@@ -58,8 +58,16 @@ class RecurrentLayer(CacheLayerMixin):
         raise TypeError("a converted (RWKV-7) layer holds a recurrent state, not keys and values")
 
     def advance(self, state: TimeMixerState, num_tokens: int) -> None:
-        """Take the state after `num_tokens` more tokens."""
-        self.state = state
+        """Take the state after `num_tokens` more tokens. Without gradients it is copied into the
+        tensors already held, so that their storage stays put from step to step (a CUDA graph of
+        a decoding step reads and writes it there)."""
+        held = self.state
+        if (held is not None and not torch.is_grad_enabled() and held.shift.shape == state.shift.shape
+                and held.wkv.shape == state.wkv.shape):
+            held.shift.copy_(state.shift)
+            held.wkv.copy_(state.wkv)
+        else:
+            self.state = state
         self.length += num_tokens
         self.is_initialized = True
 

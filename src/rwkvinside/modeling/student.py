@@ -1,145 +1,196 @@
-"""The student checkpoint: the folder a stage writes and the next stage, export and eval read.
+"""The student: a teacher's causal LM in which chosen attention layers are RWKV-7 time mixers.
 
-    config.json          the teacher's Hugging Face config (the architecture around the mixers)
-    rwkvinside.json      conversion spec and provenance (teacher, stages run, tokens seen)
-    model.safetensors    every weight of the hybrid model, students in the attention slots
-    tokenizer files      as the teacher's tokenizer saves them
+`RWKVInsideForCausalLM` is the one student class. Training builds it from a teacher
+(`modeling.convert`), a stage saves it with `save_pretrained`, the next stage, generation and
+evaluation load it back with `from_pretrained`, and an export is the same folder plus this module
+turned into remote code (`export.codegen`), which needs only torch and transformers.
 
-Written into a temporary sibling folder and renamed into place, so a crash mid-save leaves any
-earlier folder intact.
+It is the teacher's own architecture, built by transformers from the stored teacher config, with
+the converted layers' attention replaced by `RWKVAttention`. Its parameter names are the teacher's
+("model.layers.0.self_attn.mixer.x_r", "lm_head.weight").
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-from typing import Any
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from rwkvinside.errors import UserError, writing_into
-from rwkvinside.modeling.hybrid import ConversionSpec, HybridModel
-
-METADATA_FILE = "rwkvinside.json"
-WEIGHTS_FILE = "model.safetensors"
-# 2: the first converted layer has no value-residual weights (v0, v1, v2): it produces v_first.
-FORMAT_VERSION = 2
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a fully written `tmp` folder to `final`, replacing any older one."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+from rwkvinside.errors import UserError
+from rwkvinside.modeling.attention import ForwardContext, RWKVAttention, cache_of
+from rwkvinside.modeling.configuration import RWKVInsideConfig
+from rwkvinside.modeling.decode import decoding_plan, recurrent_generate
+from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentCache, take_cache
+from rwkvinside.modeling.teachers import (AttentionGeometry, TeacherFamily, attention_of, decoder_layers,
+                                          family_for, projection_biases, set_attention)
+from rwkvinside.modeling.time_mixer import RWKV7TimeMixer, TimeMixerConfig
 
 
-def save_student(model: HybridModel, tokenizer, folder: Path, provenance: dict[str, Any],
-                 weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the student (teacher attentions dropped first) atomically to `folder`.
-
-    `weights` is the language model's state dict where the model's own tensors are not whole
-    (ZeRO-3 partitions them; the engine gathers them); by default the model's state dict.
-    """
-    if model.aligning:
-        model.drop_teacher_attention()
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with writing_into(tmp, f"the student to {folder}",
-                      "free disk space or choose another --output; earlier checkpoints are intact"):
-        model.config.to_json_file(tmp / "config.json")
-        spec = model.spec
-        metadata = {
-            "format": FORMAT_VERSION,
-            "conversion": {"layers": list(model.converted_layers), "head_size": spec.head_size,
-                           "init": spec.init},
-            **provenance,
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-        state = untied_state_dict(model.model.state_dict() if weights is None else weights)
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        replace_folder(tmp, folder)
+def check_rwkv_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:
+    """The converted layers, sorted and unique; None means all of them."""
+    if layers is None:
+        return tuple(range(num_layers))
+    layers = tuple(sorted(set(layers)))
+    if not layers:
+        raise UserError("no layer chosen to convert; give at least one layer index (or none for all)")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"layer index {bad[0]} is out of range: the teacher has {num_layers} layers "
+                        f"(valid indices 0..{num_layers - 1})")
+    return layers
 
 
-def untied_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict on the CPU, ready for safetensors: a tensor shared under two names (tied
-    embeddings) is copied for its second name, and only then, not the whole model."""
-    state, seen = {}, set()
-    for name, tensor in weights.items():
-        tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        state[name] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
-    return state
+def check_head_size(head_size: int | None, family: TeacherFamily, geometry: AttentionGeometry) -> int:
+    """The student's head size (None: the teacher's head_dim); it must divide the attention width."""
+    head_size = geometry.head_dim if head_size is None else head_size
+    if head_size <= 0 or geometry.attention_size % head_size:
+        raise UserError(f"head size {head_size} does not divide the attention width {geometry.attention_size}; "
+                        f"choose a divisor such as {geometry.head_dim}")
+    if family.qk_norms and head_size != geometry.head_dim:
+        raise UserError(f"{family.name} normalises q and k per head of {geometry.head_dim}; "
+                        f"the student's head size must be {geometry.head_dim}, not {head_size}")
+    return head_size
 
 
-def read_metadata(folder: Path) -> dict[str, Any]:
-    folder = Path(folder)
-    path = folder / METADATA_FILE
-    if not folder.is_dir() or not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise UserError(f"'{folder}' is not a student checkpoint (it needs {METADATA_FILE} and {WEIGHTS_FILE}); "
-                        "give the folder a stage wrote (e.g. runs/<run>/stage1/student)")
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is corrupt (not JSON); re-run the stage that wrote it") from None
-    if metadata.get("format") != FORMAT_VERSION:
-        raise UserError(f"'{folder}' holds a student of format {metadata.get('format')}; this rwkvinside reads "
-                        f"format {FORMAT_VERSION}: re-run the stage that wrote it with this version")
-    return metadata
+def mixer_config(attention: nn.Module, family: TeacherFamily, geometry: AttentionGeometry, layer_idx: int,
+                 head_size: int, value_residual: bool) -> TimeMixerConfig:
+    """The shape of the time mixer that takes the place of `attention` (the teacher's, or its skeleton)."""
+    return TimeMixerConfig(
+        hidden_size=geometry.hidden_size,
+        num_heads=geometry.attention_size // head_size,
+        head_size=head_size,
+        layer_id=layer_idx,
+        num_layers=geometry.num_layers,
+        bias=projection_biases(attention, family),
+        qk_norm_eps=geometry.rms_norm_eps if family.qk_norms else None,
+        value_residual=value_residual,
+    )
 
 
-def teacher_config(folder: Path):
-    """The architecture around the mixers: a checkpoint's config.json, or the teacher config inside an
-    exported folder's (`rwkvinside export`, which also writes rwkvinside.json)."""
-    from transformers import AutoConfig
+class RWKVInsidePreTrainedModel(PreTrainedModel):
+    config_class = RWKVInsideConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
 
-    from rwkvinside.export.configuration import RWKVInsideConfig, is_exported_folder
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The RWKV-7 initialisation for time mixers, transformers' for the teacher's modules."""
+        if isinstance(module, RWKV7TimeMixer):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
 
-    if is_exported_folder(folder):
-        return RWKVInsideConfig.from_pretrained(folder).text_config
-    return AutoConfig.from_pretrained(folder)
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # `generate` must not make a plain DynamicCache: `forward` makes a RecurrentCache instead.
+        return False
 
 
-def load_student(folder: Path, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> tuple[HybridModel, Any, dict[str, Any]]:
-    """(model in stage 2/3 mode, tokenizer, metadata) from a student checkpoint or exported folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    folder = Path(folder)
-    metadata = read_metadata(folder)
-    conversion = metadata["conversion"]
-    config = teacher_config(folder)
-    skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
-    spec = ConversionSpec(layers=tuple(conversion["layers"]), head_size=conversion["head_size"], init="rwkv")
-    model = HybridModel(skeleton, spec, align=False)
-    try:
-        state = load_file(folder / WEIGHTS_FILE, device=str(device))
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{folder / WEIGHTS_FILE} is corrupt or unreadable ({error}); "
-                        "re-run the stage that wrote it") from None
-    result = model.model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
-                                         strict=False)
-    # An exported folder leaves out a tied LM head (transformers saves the shared tensor once).
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [k for k in result.missing_keys if "rotary_emb" not in k and k not in tied]
-    if missing or result.unexpected_keys:
-        problem = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
-        raise UserError(f"{folder / WEIGHTS_FILE} does not match its config ({problem}); "
-                        "re-run the stage that wrote it")
-    if config.tie_word_embeddings:
-        model.model.tie_weights()
-    model.model.eval()
-    # Given the config, the tokenizer need not read config.json (an exported folder's names remote code).
-    tokenizer = (AutoTokenizer.from_pretrained(folder, config=config)
-                 if (folder / "tokenizer_config.json").is_file() else None)
-    return model, tokenizer, metadata
+    def __init__(self, config: RWKVInsideConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        family = family_for(text_config)
+        geometry = AttentionGeometry.of(text_config)
+        layers = check_rwkv_layers(config.rwkv_layers, geometry.num_layers)
+        head_size = check_head_size(config.head_size, family, geometry)
+        language_model = AutoModelForCausalLM.from_config(text_config)
+        # One context per model: v_first and the padding mask of the current forward pass.
+        self.context = ForwardContext()
+        decoder = decoder_layers(language_model, family)
+        for i in layers:
+            mixer = RWKV7TimeMixer(mixer_config(attention_of(decoder[i], family), family, geometry, i, head_size,
+                                                value_residual=i != layers[0]))
+            set_attention(decoder[i], family, RWKVAttention(mixer, i, self.context))
+        self.family = family
+        self.model = language_model.base_model
+        self.lm_head = language_model.get_output_embeddings()
+        self.context.follow(self.model)
+        self.post_init()
+
+    @property
+    def rwkv_layers(self) -> tuple[int, ...]:
+        return tuple(self.config.rwkv_layers)
+
+    def converted_attention(self) -> dict[int, RWKVAttention]:
+        """The module in each converted layer's attention slot, by layer index."""
+        decoder = decoder_layers(self, self.family)
+        return {i: attention_of(decoder[i], self.family) for i in self.rwkv_layers}
+
+    def new_cache(self) -> RecurrentCache:
+        """An empty generation cache: recurrent states for the converted layers, keys/values for the rest."""
+        return RecurrentCache(self.config.text_config, self.rwkv_layers)
+
+    def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cached: bool = False) -> None:
+        """cached: a generation cache is passed, so the mask may also cover the tokens it has read."""
+        device = self.lm_head.weight.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}; "
+                             "move the batch to the model's device")
+        if attention_mask is None or attention_mask.shape == input_ids.shape:
+            return
+        (batch, length), (mask_batch, mask_length) = input_ids.shape, attention_mask.shape
+        if not (cached and mask_batch == batch and mask_length > length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
+                             f"{tuple(input_ids.shape)}; they must match")
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The final hidden states [B, T, C] (after the last norm), before the LM head: losses apply the
+        head a chunk of the sequence at a time, so full-vocabulary logits never exist for a whole batch."""
+        self.check_inputs(input_ids, attention_mask)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """As the teacher's *ForCausalLM.forward. input_ids: [B, T]; attention_mask: [B, T], or
+        [B, past + T] with a cache (`cache`, or `past_key_values` before transformers 5.24), which is
+        made here when use_cache and none is given. Returns logits [B, T or logits_to_keep, V]."""
+        use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
+        cache = take_cache(kwargs)
+        if input_ids is not None:
+            self.check_inputs(input_ids, attention_mask, cached=cache is not None)
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        kwargs[CACHE_KEYWORD] = cache
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        # Only the positions whose logits are asked for (generate asks for the last one).
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions,
+                                      **{CACHE_KEYWORD: getattr(outputs, CACHE_KEYWORD)})
+
+    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
+        """Generation from the recurrent state, its one-token step captured in a CUDA graph where every
+        layer is recurrent (`modeling.decode`); transformers' own `generate` for options that loop does
+        not implement. Either way the converted layers' states are carried in a `new_cache()` unless
+        a cache is passed (as `cache`, or `past_key_values` before transformers 5.24)."""
+        kwargs.setdefault("use_cache", True)  # a student saved during training may say False
+        if kwargs["use_cache"] and cache_of(kwargs) is None:
+            kwargs[CACHE_KEYWORD] = self.new_cache()
+        plan = decoding_plan(self.generation_config, kwargs) if input_ids is not None else None
+        mask = kwargs.get("attention_mask")
+        padded = mask is not None and len(self.rwkv_layers) < self.config.num_hidden_layers and not bool(mask.all())
+        if plan is None or padded:  # kept attention layers need the padding mask at every step
+            return super().generate(input_ids, **kwargs)
+        return recurrent_generate(self, input_ids, mask, cache_of(kwargs), plan)

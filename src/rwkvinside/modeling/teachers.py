@@ -1,4 +1,4 @@
-"""Teacher families: where each architecture keeps its attention, and how a student copies it.
+"""Teacher families: where each architecture keeps its decoder layers, attention and projections.
 
 Every per-family difference lives in the FAMILIES table; the rest of the code asks this module.
 Biases are read off the modules themselves (Qwen2 has q/k/v biases, Llama none), and grouped-query
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from rwkvinside.errors import UserError
@@ -64,14 +63,8 @@ class AttentionGeometry:
         )
 
 
-def family_of(model: nn.Module) -> TeacherFamily:
-    """The family entry for a loaded causal LM, or a UserError naming the supported ones."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise UserError(
-            f"the teacher ({type(model).__name__}) is not a causal language model; "
-            "load it with AutoModelForCausalLM (a *ForCausalLM class with an LM head)"
-        )
+def family_for(config) -> TeacherFamily:
+    """The family entry of a teacher configuration, or a UserError naming the supported families."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UserError(
@@ -81,14 +74,26 @@ def family_of(model: nn.Module) -> TeacherFamily:
     return FAMILIES[model_type]
 
 
+def family_of(model: nn.Module) -> TeacherFamily:
+    """The family entry for a loaded causal LM, or a UserError saying what is wrong with it."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise UserError(
+            f"the teacher ({type(model).__name__}) is not a causal language model; "
+            "load it with AutoModelForCausalLM (a *ForCausalLM class with an LM head)"
+        )
+    return family_for(config)
+
+
 def _get(module: nn.Module, path: str) -> nn.Module:
     for name in path.split("."):
         module = getattr(module, name)
     return module
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return _get(model, family_of(model).layers)
+def decoder_layers(model: nn.Module, family: TeacherFamily) -> nn.ModuleList:
+    """The decoder layers of a causal LM of `family` (a teacher, or a student built from one)."""
+    return _get(model, family.layers)
 
 
 def attention_of(layer: nn.Module, family: TeacherFamily) -> nn.Module:
@@ -101,40 +106,3 @@ def set_attention(layer: nn.Module, family: TeacherFamily, module: nn.Module) ->
 
 def projection_biases(attention: nn.Module, family: TeacherFamily) -> tuple[bool, bool, bool, bool]:
     return tuple(getattr(attention, name).bias is not None for name in family.projections)
-
-
-def has_qk_norm(family: TeacherFamily) -> bool:
-    return family.qk_norms is not None
-
-
-@torch.no_grad()
-def copy_attention_into_mixer(attention: nn.Module, mixer: nn.Module, family: TeacherFamily,
-                              geometry: AttentionGeometry) -> None:
-    """Initialise r <- q, k <- k, v <- v, o <- o (biases and q/k norms too).
-
-    Grouped-query teachers keep fewer k/v heads than q heads: each k/v head is repeated for the
-    query heads of its group, as the teacher's own attention does at run time. The student's
-    head count may differ from the teacher's as long as the widths agree (the rows are the same
-    channels, regrouped).
-    """
-    q, k, v, o = (getattr(attention, name) for name in family.projections)
-    groups = geometry.num_heads // geometry.num_kv_heads
-
-    def repeat_kv(tensor: torch.Tensor) -> torch.Tensor:  # [kv_heads * D, ...] -> [heads * D, ...]
-        rest = tensor.shape[1:]
-        tensor = tensor.view(geometry.num_kv_heads, 1, geometry.head_dim, *rest)
-        tensor = tensor.expand(geometry.num_kv_heads, groups, geometry.head_dim, *rest)
-        return tensor.reshape(geometry.num_heads * geometry.head_dim, *rest)
-
-    mixer.receptance.weight.copy_(q.weight)
-    mixer.key.weight.copy_(repeat_kv(k.weight))
-    mixer.value.weight.copy_(repeat_kv(v.weight))
-    mixer.output.weight.copy_(o.weight)
-    for source, target, expand in ((q, mixer.receptance, False), (k, mixer.key, True),
-                                   (v, mixer.value, True), (o, mixer.output, False)):
-        if source.bias is not None:
-            target.bias.copy_(repeat_kv(source.bias) if expand else source.bias)
-    if family.qk_norms is not None:
-        q_norm, k_norm = (getattr(attention, name) for name in family.qk_norms)
-        mixer.r_norm.weight.copy_(q_norm.weight)
-        mixer.k_norm.weight.copy_(k_norm.weight)

@@ -76,6 +76,27 @@ class TimeMixerState:
         )
 
 
+@dataclass
+class MixedInputs:
+    """What steps 1-7 make of a layer's input: the six inputs of the state update ([B, T, H, N]:
+    r, the log decay w, the replacement key k, v, and a = -removal key, b = removal key * iclr)
+    and what steps 9-11 read besides its output."""
+
+    r: Tensor
+    w: Tensor
+    k: Tensor
+    v: Tensor
+    a: Tensor
+    b: Tensor
+    gate: Tensor  # [B, T, C_att]
+    v_first: Tensor  # [B, T, C_att]
+    last_input: Tensor  # [B, C]: the token shift state a next call starts from
+
+    @property
+    def wkv_inputs(self) -> tuple[Tensor, ...]:
+        return self.r, self.w, self.k, self.v, self.a, self.b
+
+
 class HeadRMSNorm(nn.Module):
     """RMSNorm over each head's channels (Qwen3's q_norm/k_norm), weight shared by all heads."""
 
@@ -199,7 +220,25 @@ class RWKV7TimeMixer(nn.Module):
         token_mask: [B, T], 1 for real tokens, 0 for padding (padding leaves the state untouched
         only when it comes first, i.e. left padding in generation; right padding in training
         only affects positions that no loss reads).
+        Returns (output [B, T, C], v_first, the state after the last token or None).
         """
+        mixed = self.mix(x, v_first, state, token_mask)
+        # Step 8: the state update over the whole sequence.
+        y, wkv_state = wkv7(
+            *mixed.wkv_inputs,
+            scale=1.0,
+            initial_state=state.wkv if state is not None else None,
+            output_final_state=state is not None,
+            decay_floor=-MAX_LOG_DECAY,
+        )
+        new_state = None
+        if state is not None:
+            new_state = TimeMixerState(shift=mixed.last_input, wkv=wkv_state)
+        return self.readout(y, mixed), mixed.v_first, new_state
+
+    def mix(self, x: Tensor, v_first: Tensor | None = None, state: TimeMixerState | None = None,
+            token_mask: Tensor | None = None) -> MixedInputs:
+        """Steps 1-7: everything before the state update (arguments as `forward`)."""
         cfg = self.config
         B, T, _ = x.shape
         H, N = cfg.num_heads, cfg.head_size
@@ -238,23 +277,17 @@ class RWKV7TimeMixer(nn.Module):
         if token_mask is not None:  # padding writes nothing into the state
             k = k * token_mask[..., None].to(k.dtype)
 
-        # Step 8: the state update over the whole sequence.
         r, k, v, log_decay, iclr = (t.view(B, T, H, N) for t in (r, k, v, log_decay, iclr))
-        y, wkv_state = wkv7(
-            r, log_decay, k, v, -removal_key, removal_key * iclr,
-            scale=1.0,
-            initial_state=state.wkv if state is not None else None,
-            output_final_state=state is not None,
-        )
+        return MixedInputs(r=r, w=log_decay, k=k, v=v, a=-removal_key, b=removal_key * iclr, gate=gate,
+                           v_first=v_first, last_input=x[:, -1])
+
+    def readout(self, y: Tensor, mixed: MixedInputs) -> Tensor:
+        """Steps 9-11: the output [B, T, C] from the state update's output y [B, T, H, N]."""
+        B, T, H, N = y.shape
         # Step 9: per-head GroupNorm.
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
         # Step 10: bonus, one scalar per head times that head's value.
-        bonus = (r * k * self.r_k).sum(dim=-1, keepdim=True) * v  # [B, T, H, N]
+        bonus = (mixed.r * mixed.k * self.r_k).sum(dim=-1, keepdim=True) * mixed.v  # [B, T, H, N]
         y = y + bonus.reshape(B, T, H * N)
         # Step 11.
-        output = self.output(y * gate)
-
-        new_state = None
-        if state is not None:
-            new_state = TimeMixerState(shift=x[:, -1], wkv=wkv_state)
-        return output, v_first, new_state
+        return self.output(y * mixed.gate)

@@ -11,10 +11,12 @@
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from rwkvinside.errors import UserError
 from rwkvinside.ops.wkv7.chunk import wkv7_chunk
-from rwkvinside.ops.wkv7.fla import fla_available, wkv7_fla_chunk, wkv7_fla_fused_recurrent
+from rwkvinside.ops.wkv7.fla import (RWKV7_CHUNK_OPTIONS, RWKV7_DECAY_FLOOR, fla_available, wkv7_fla_chunk,
+                                     wkv7_fla_fused_recurrent)
 from rwkvinside.ops.wkv7.naive import wkv7_naive
 
 # Up to this many steps the step loop beats the chunked form on the CPU: a decoding step costs it
@@ -24,6 +26,7 @@ from rwkvinside.ops.wkv7.naive import wkv7_naive
 NAIVE_MAX_LEN = 2
 
 
+@record_function("wkv7")
 def wkv7(
     r: Tensor,
     w: Tensor,
@@ -34,6 +37,7 @@ def wkv7(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    decay_floor: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per head: S_t = diag(e^{w_t}) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T, o_t = scale S_t^T r_t.
 
@@ -43,6 +47,9 @@ def wkv7(
         scale: multiplies the outputs; always pass it (RWKV-7 uses 1.0).
         initial_state: [B, H, K, V] or None (zeros).
         output_final_state: return the state after the last step.
+        decay_floor: the caller's promise that w >= decay_floor everywhere (RWKV-7's decay keeps
+            w >= -e^{-1/2}). On CUDA a floor of at least RWKV7_DECAY_FLOOR lets fla's chunk kernel use
+            its faster tensor-core scheme (`RWKV7_CHUNK_OPTIONS`); elsewhere it changes nothing.
 
     Returns:
         o: [B, T, H, V] in the input dtype, and the final state [B, H, K, V] (float32, or float64
@@ -61,7 +68,8 @@ def wkv7(
             )
         if r.shape[1] == 1 and not _needs_grad(r, w, k, v, a, b, initial_state):
             return wkv7_fla_fused_recurrent(*args)
-        return wkv7_fla_chunk(*args)
+        bounded = decay_floor is not None and decay_floor >= RWKV7_DECAY_FLOOR
+        return wkv7_fla_chunk(*args, **(RWKV7_CHUNK_OPTIONS if bounded else {}))
     if r.shape[1] <= NAIVE_MAX_LEN:
         return wkv7_naive(*args)
     return wkv7_chunk(*args)

@@ -24,7 +24,8 @@ from torch import Tensor
 # The options fla's own RWKV-7 layer passes to `chunk_rwkv7`. `lower_bound` promises
 # w >= -e^{-1/2} (true of RWKV-7's decay, not of every caller), which licenses fla's faster
 # tensor-core scheme for the within-chunk products; with it fla picks chunk 64 by itself.
-RWKV7_CHUNK_OPTIONS = dict(safe_gate=True, lower_bound=-0.6065306597126334, chunk_size=64)
+RWKV7_DECAY_FLOOR = -0.6065306597126334  # -e^{-1/2}
+RWKV7_CHUNK_OPTIONS = dict(safe_gate=True, lower_bound=RWKV7_DECAY_FLOOR, chunk_size=64)
 
 
 def fla_available() -> bool:
@@ -49,11 +50,13 @@ def wkv7_fla_chunk(
     safe_gate: bool = False,
     lower_bound: float | None = None,
     chunk_size: int | None = None,
+    disable_recompute: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """WKV-7 by fla's chunked kernel: training and prefill. Inputs [B, T, H, K], v [B, T, H, V].
 
-    safe_gate, lower_bound and chunk_size go to `chunk_rwkv7` unchanged; the defaults are fla's
-    (no bound assumed on w, chunk 16). Pass **RWKV7_CHUNK_OPTIONS only where w >= -0.6065 holds.
+    safe_gate, lower_bound, chunk_size and disable_recompute (keep the forward's intermediates for
+    the backward instead of recomputing them) go to `chunk_rwkv7` unchanged; the defaults are fla's
+    (no bound assumed on w, chunk 16, recompute). Pass **RWKV7_CHUNK_OPTIONS only where w >= -0.6065 holds.
     """
     from fla.ops.rwkv7 import chunk_rwkv7
 
@@ -65,6 +68,7 @@ def wkv7_fla_chunk(
         safe_gate=safe_gate,
         lower_bound=lower_bound,
         chunk_size=chunk_size,
+        disable_recompute=disable_recompute,
     )
 
 

@@ -1,12 +1,12 @@
-"""The configuration of an exported model (becomes `configuration_rwkvinside.py` in the folder).
+"""The configuration of a student: a teacher's architecture with some attention layers as RWKV-7.
 
-Only transformers is imported here: the exported folder must load where rwkvinside is not installed.
+Only transformers is imported here: this module becomes `configuration_rwkvinside.py` in an
+exported folder, which must load where rwkvinside is not installed.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -23,6 +23,9 @@ class RWKVInsideConfig(PreTrainedConfig):
             The time mixers' head size; None means the teacher's head_dim.
         trained_context (`int`, *optional*):
             The longest sequence the student was distilled on, if known.
+
+    Every attribute of the teacher's configuration reads through this one as well (`config.vocab_size`,
+    `config.num_hidden_layers`, ...), as generic tools expect of a causal LM's config.
     """
 
     model_type = "rwkvinside"
@@ -41,10 +44,19 @@ class RWKVInsideConfig(PreTrainedConfig):
             self.tie_word_embeddings = self.text_config.tie_word_embeddings
         super().__post_init__(**kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """Called only for names this config lacks: the teacher's configuration answers them."""
+        text_config = self.__dict__.get("text_config")
+        if name.startswith("_") or text_config is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
+        return getattr(text_config, name)
 
-def is_exported_folder(folder: Path) -> bool:
-    """Whether `folder` holds an exported model (its config.json is an RWKVInsideConfig)."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return False
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") == RWKVInsideConfig.model_type
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A setting of the teacher's configuration (`config.use_cache = False`) is set there, where the
+        model reads it; this config's own fields and properties, and new attributes, stay here."""
+        text_config = self.__dict__.get("text_config")
+        if (text_config is not None and not name.startswith("_") and name not in self.__dict__
+                and not hasattr(type(self), name) and hasattr(text_config, name)):
+            setattr(text_config, name, value)
+        else:
+            super().__setattr__(name, value)

@@ -1,0 +1,140 @@
+"""Recurrent decoding (modeling/decode.py): the student's own generation loop chooses the tokens that
+transformers' `generate` chooses, carries the cache the same way, and hands anything it does not
+implement to transformers. The CUDA-graph replay of the loop is checked against the eager loop on a GPU."""
+
+import pytest
+import torch
+from transformers import GenerationMixin
+
+from rwkvinside.modeling.alignment import select_trainable
+from rwkvinside.modeling.convert import ConversionSpec, convert
+from rwkvinside.modeling.decode import DecodingPlan, choose_tokens, decoding_plan
+from rwkvinside.modeling.state import CACHE_KEYWORD
+
+LAYERS = {"all-RWKV": None, "hybrid": (0, 1, 3)}
+
+
+@pytest.fixture(params=sorted(LAYERS))
+def student(request, make_teacher):
+    torch.manual_seed(0)
+    model = convert(make_teacher("llama"), ConversionSpec(layers=LAYERS[request.param])).eval()
+    with torch.no_grad():
+        for p in select_trainable(model, "mixers").values():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.requires_grad_(False)
+
+
+def prompt(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 320, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def transformers_generate(model, ids, **options):
+    """transformers' own loop over the same model and a fresh cache (the reference)."""
+    return GenerationMixin.generate(model, ids, use_cache=True, **{CACHE_KEYWORD: model.new_cache()}, **options)
+
+
+def test_greedy_tokens_equal_transformers_generate(student):
+    ids = prompt()
+    ours = student.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert ours.shape == (2, 9 + 24)
+    assert torch.equal(ours, transformers_generate(student, ids, max_new_tokens=24, do_sample=False, pad_token_id=0))
+
+
+def test_rows_end_at_eos_and_are_padded_as_transformers_does(student):
+    ids = prompt()
+    free = student.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    eos = [int(free[0, 9 + 3]), int(free[1, 9 + 10])]  # tokens the rows will write: each row ends early
+    options = dict(max_new_tokens=24, do_sample=False, pad_token_id=1, eos_token_id=eos)
+    ours = student.generate(ids, **options)
+    assert ours.shape[1] < 9 + 24 and (ours == 1).any()  # stopped when both rows ended; one row padded
+    assert torch.equal(ours, transformers_generate(student, ids, **options))
+    late = dict(options, min_new_tokens=12)
+    assert torch.equal(student.generate(ids, **late), transformers_generate(student, ids, **late))
+
+
+def test_a_carried_cache_continues_where_it_stopped(student):
+    """A chat passes the whole history and the cache that has read most of it."""
+    ids = prompt(batch=1)
+    ours_cache, reference_cache = student.new_cache(), student.new_cache()
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    first = student.generate(ids, **{CACHE_KEYWORD: ours_cache}, **options)
+    assert torch.equal(first, GenerationMixin.generate(student, ids, use_cache=True,
+                                                       **{CACHE_KEYWORD: reference_cache}, **options))
+    assert ours_cache.get_seq_length() == reference_cache.get_seq_length() == first.shape[1] - 1
+    history = torch.cat([first, prompt(batch=1, length=4, seed=1)], dim=1)
+    second = student.generate(history, **{CACHE_KEYWORD: ours_cache}, **options)
+    assert torch.equal(second, GenerationMixin.generate(student, history, use_cache=True,
+                                                        **{CACHE_KEYWORD: reference_cache}, **options))
+
+
+def test_left_padding_of_an_all_rwkv_student(make_teacher):
+    """Padding first leaves the recurrent state untouched: a padded row decodes as it would alone."""
+    torch.manual_seed(0)
+    student = convert(make_teacher("qwen2")).eval().requires_grad_(False)
+    alone = prompt(batch=1, length=6)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), alone], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(student.generate(padded, attention_mask=mask, **options)[:, 3:],
+                       student.generate(alone, **options))
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(repetition_penalty=1.3), dict(max_length=20)],
+                         ids=["beams", "repetition_penalty", "no_max_new_tokens"])
+def test_options_the_loop_lacks_go_to_transformers(student, options):
+    assert decoding_plan(student.generation_config, {"max_new_tokens": 5, **options}
+                         if "max_length" not in options else options) is None
+    ids = prompt()
+    settings = dict(do_sample=False, pad_token_id=0, **({"max_new_tokens": 5} if "max_length" not in options else {}),
+                    **options)
+    assert torch.equal(student.generate(ids, **settings), transformers_generate(student, ids, **settings))
+
+
+def test_the_plan_reads_the_models_generation_config(student):
+    student.generation_config.top_k = 7
+    plan = decoding_plan(student.generation_config, {"max_new_tokens": 3, "do_sample": True, "eos_token_id": 4})
+    assert plan == DecodingPlan(max_new_tokens=3, do_sample=True, top_k=7, top_p=1.0, temperature=1.0,
+                                eos_token_ids=(4,), pad_token_id=4)
+
+
+# ---- choosing a token ----------------------------------------------------------------------------
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+
+
+def frequencies(plan: DecodingPlan, draws: int = 40000) -> torch.Tensor:
+    torch.manual_seed(0)
+    tokens = choose_tokens(LOGITS.expand(draws, -1), plan)
+    return torch.bincount(tokens, minlength=LOGITS.shape[1]).float() / draws
+
+
+def test_sampling_follows_the_softmax_at_the_temperature():
+    for temperature in (1.0, 0.5):
+        expected = (LOGITS[0] / temperature).softmax(-1)
+        observed = frequencies(DecodingPlan(max_new_tokens=1, do_sample=True, temperature=temperature))
+        torch.testing.assert_close(observed, expected, atol=0.01, rtol=0)
+
+
+def test_top_k_and_top_p_cut_the_tail_and_renormalise():
+    top_k = frequencies(DecodingPlan(max_new_tokens=1, do_sample=True, top_k=2))
+    torch.testing.assert_close(top_k, torch.cat([LOGITS[0, :2].softmax(-1), torch.zeros(4)]), atol=0.01, rtol=0)
+    probabilities = LOGITS[0].softmax(-1)  # 0.61, 0.22, 0.14, ...: the first two reach 0.8
+    top_p = frequencies(DecodingPlan(max_new_tokens=1, do_sample=True, top_p=0.8))
+    torch.testing.assert_close(top_p, torch.cat([probabilities[:3] / probabilities[:3].sum(), torch.zeros(3)]),
+                               atol=0.01, rtol=0)
+    assert torch.equal(choose_tokens(LOGITS, DecodingPlan(max_new_tokens=1)), torch.tensor([0]))
+
+
+# ---- the CUDA graph --------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch):
+    from rwkvinside.modeling import decode
+
+    torch.manual_seed(0)
+    student = convert(make_teacher("llama").cuda()).eval().requires_grad_(False)
+    ids = prompt().cuda()
+    options = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    graphed = student.generate(ids, **options)
+    monkeypatch.setattr(decode, "graph_capturable", lambda model, cache: False)
+    assert torch.equal(graphed, student.generate(ids, **options))

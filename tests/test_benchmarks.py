@@ -1,0 +1,36 @@
+"""The GPU benchmarks' CPU dry runs: every code path of a benchmark runs here, so that the GPU run,
+which costs device time, does not stop at a typo."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("teacher", "teacher_autocast", "stage1", "stage2_all", "stage2_mixers")
+LABELS = ("teacher forward", "wkv7", "loss", "optimizer", "rest")
+
+
+@pytest.mark.slow  # two Python processes that import torch and transformers: ~20 s on 2 cores
+def test_bench_stages_dry_run(tmp_path):
+    script = ROOT / "benchmarks" / "bench_stages.py"
+    subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], check=True, cwd=ROOT,
+                   timeout=300)
+    report = json.loads((tmp_path / "bench_stages-tiny.json").read_text())
+    assert list(report["measurements"]) == list(STEPS)
+    for key, result in report["measurements"].items():
+        assert result["tokens_per_s"] > 0, key
+        assert result["tokens_per_step"] == 2 * 32
+        assert len(result["losses"]) == 1 + 2 + 1  # warm-up, timed, profiled
+        assert set(result["profile"]["by_label_ms"]) == set(LABELS)
+    profile = report["measurements"]["stage2_all"]["profile"]["by_label_ms"]
+    assert all(profile[label] > 0 for label in LABELS)
+    assert report["measurements"]["teacher"]["x_teacher"] == 1.0
+    variants = report["wkv7"]["variants"]
+    ran = [v for v in variants.values() if "skipped" not in v]
+    assert len(ran) == 3 and all(v["ms_per_layer"] > 0 for v in ran)
+    assert any("no CUDA" in v.get("skipped", "") for v in variants.values())
+    assert report["cold_start"]["teacher_loaded_to_first_step_s"] > 0
+    assert (tmp_path / "bench_stages-tiny.md").is_file()
