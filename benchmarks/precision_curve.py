@@ -5,9 +5,13 @@ themselves, so an update below half a weight's bf16 spacing (about 0.4% of it) r
 "master weights" is the engine now: AdamW steps a float32 copy of every trained weight and writes it
 back. Both run the project's own stage-2 step (Trainer, STAGES[2], KL against the frozen teacher) from
 the same freshly converted student; the script prints the KL per step side by side, and the share of
-trained weights that the first step left unchanged.
+the values the optimizer steps (the bf16 weights themselves, or their float32 copies) that the
+first step left unchanged.
 
-    python benchmarks/precision_curve.py --teacher smollm2-135m --steps 30 --lr 1e-5 --out precision/
+    python benchmarks/precision_curve.py --teacher smollm2-135m --steps 32 --lr 1e-4 --out precision/
+
+The student starts as stage 1 would (teacher initialisation, gates calibrated on one batch), not
+aligned: the comparison is of the two optimizers on the same problem, not of a trained student.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from rwkvinside.distill.engine import PlainEngine, make_optimizer
 from rwkvinside.distill.loop import Progress, Trainer
 from rwkvinside.distill.metrics import RunLog
 from rwkvinside.distill.stages import STAGES
-from rwkvinside.modeling.alignment import select_trainable
+from rwkvinside.modeling.alignment import (attach_teacher_attention, calibrate_output_scale,
+                                           detach_teacher_attention, select_trainable)
 from rwkvinside.modeling.convert import ConversionSpec, convert
 from rwkvinside.modeling.loading import load_teacher
 
@@ -44,7 +49,7 @@ class BareBF16Engine(PlainEngine):
 def run(engine_class, student, teacher, loader, config: Config, device: torch.device) -> dict:
     trainable = select_trainable(student, config.stage2.trainable)
     engine = engine_class(trainable, config.train, device)
-    before = {name: p.detach().clone() for name, p in trainable.items()}
+    before = [master.detach().clone() for master in engine.masters]  # what the optimizer steps
     trainer = Trainer(STAGES[2], config, student, teacher, loader, engine, Path("."),
                       RunLog(None, "stage2", None, progress=False, tensorboard=False))
     student.train()
@@ -56,8 +61,8 @@ def run(engine_class, student, teacher, loader, config: Config, device: torch.de
         record["seconds"] = time.monotonic() - started
         records.append(record)
         if unchanged is None:  # after the first step
-            same = sum(int((p.detach() == before[name]).sum()) for name, p in trainable.items())
-            unchanged = same / sum(p.numel() for p in trainable.values())
+            same = sum(int((master.detach() == old).sum()) for master, old in zip(engine.masters, before))
+            unchanged = same / sum(old.numel() for old in before)
     return {"records": records, "unchanged_after_first_step": unchanged}
 
 
@@ -82,6 +87,11 @@ def main() -> None:
     config.data.seq_len = args.seq_len
     torch.manual_seed(0)
     fresh = convert(teacher, ConversionSpec())
+    # What stage 1 starts from: the gates calibrated to the teacher's output scale on one batch.
+    attach_teacher_attention(fresh, teacher)
+    first = next(build_train_loader(config.data, [args.data], args.batch_size, tokenizer, chat=False))
+    calibrate_output_scale(fresh, first["input_ids"].to(device), first["attention_mask"].to(device))
+    detach_teacher_attention(fresh)
     results = {}
     for name, engine_class in (("bare bf16", BareBF16Engine), ("master weights", PlainEngine)):
         student = copy.deepcopy(fresh)  # its own weights: training must not reach the teacher's
@@ -97,6 +107,11 @@ def main() -> None:
              f"{args.batch_size} x {args.seq_len} tokens a step.", "",
              "| step | KL, bare bf16 | KL, master weights |", "|---:|---:|---:|"]
     lines += [f"| {a['step']} | {a['kl']:.4f} | {b['kl']:.4f} |" for a, b in zip(bare, masters)]
+    window = max(len(bare) // 4, 1)
+    lines += ["", f"Mean KL over successive windows of {window} steps (the same batches in both runs):", ""]
+    lines += [f"- steps {i + 1}-{i + window}: bare bf16 {sum(r['kl'] for r in bare[i:i + window]) / window:.4f}, "
+              f"master weights {sum(r['kl'] for r in masters[i:i + window]) / window:.4f}"
+              for i in range(0, len(bare) - window + 1, window)]
     lines += ["", "Trained weights left unchanged by the first step: "
               + ", ".join(f"{name} {r['unchanged_after_first_step']:.1%}" for name, r in results.items())]
     (out / "precision_curve.md").write_text("\n".join(lines) + "\n")
