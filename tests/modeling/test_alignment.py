@@ -213,23 +213,38 @@ def test_batched_alignment_equals_the_per_layer_reference(make_teacher, family, 
         torch.testing.assert_close(gradients[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_alignment_is_batched_unless_the_mixers_are_partitioned(make_teacher):
-    """Where DeepSpeed ZeRO-3 partitions the mixers' weights (their parameters carry a ds_id), each
-    mixer must run inside its own slot, where ZeRO-3 gathers them."""
+def test_by_default_the_cpu_runs_each_mixer_in_its_slot(make_teacher):
+    """On the CPU the per-layer way is the faster one; it is also where the mixers run inside their
+    slots, as DeepSpeed ZeRO-3 needs (it gathers a module's weights around its own forward)."""
     student = aligning_student(make_teacher("llama"), ConversionSpec(layers=(1, 2)))
     calls = []
     for slot in student.converted_attention().values():
         slot.mixer.register_forward_hook(lambda *_: calls.append(1))
     ids = random_ids(BATCH, LENGTH)
     with torch.no_grad():
-        batched = alignment_losses(student, ids)
+        default = alignment_losses(student, ids)
+        assert len(calls) == 2
+        calls.clear()
+        batched = alignment_losses(student, ids, batched=True)
+        assert calls == []
+    for i in batched:
+        torch.testing.assert_close(default[i], batched[i], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_alignment_is_batched_unless_the_mixers_are_partitioned(make_teacher):
+    student = aligning_student(make_teacher("llama").cuda(), ConversionSpec(layers=(1, 2)))
+    calls = []
+    for slot in student.converted_attention().values():
+        slot.mixer.register_forward_hook(lambda *_: calls.append(1))
+    ids = random_ids(BATCH, LENGTH).cuda()
+    with torch.no_grad():
+        alignment_losses(student, ids)
         assert calls == []
         for i, p in enumerate(student.converted_attention()[2].mixer.parameters()):
             p.ds_id = i  # as deepspeed.zero.Init marks them
-        per_layer = alignment_losses(student, ids)
+        alignment_losses(student, ids)
     assert len(calls) == 2
-    for i in batched:
-        torch.testing.assert_close(per_layer[i], batched[i], rtol=1e-5, atol=1e-7)
 
 
 @BATCHED

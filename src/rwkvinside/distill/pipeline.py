@@ -224,19 +224,30 @@ class Pipeline:
                 for path in resolve_sources(data.eval)]
 
     def _baseline(self) -> None:
-        """Held-out scores of the teacher and of the freshly converted student, for the report."""
+        """Held-out scores of the teacher, for the report (the freshly converted student's follow in
+        stage 1, once it is the student that stage trains from)."""
         if self.plan.stages[0] != 1 or "baseline" in self.report:
             return
-        teacher, tokenizer = self.teacher.model(), self.teacher.tokenizer()
-        teacher_scores = self._heldout(teacher, None, tokenizer)
+        teacher_scores = self._heldout(self.teacher.model(), None, self.teacher.tokenizer())
         if teacher_scores is None:
             return
-        seed_everything(self.config.train.seed)  # the very student stage 1 starts from
-        fresh_scores = self._heldout(convert(teacher, conversion_spec(self.config)), teacher, tokenizer)
-        self.report["baseline"] = {"teacher": teacher_scores, "fresh_student": fresh_scores}
-        for ours, fresh in zip(teacher_scores, fresh_scores):
-            logger.info("held-out %s: perplexity of the teacher %.2f, of the freshly converted student %.2f",
-                        Path(ours["path"]).name, ours["student_ppl"], fresh["student_ppl"])
+        self.report["baseline"] = {"teacher": teacher_scores}
+        for scores in teacher_scores:
+            logger.info("held-out %s: perplexity of the teacher %.2f", Path(scores["path"]).name,
+                        scores["student_ppl"])
+
+    def _score_fresh_student(self, student: RWKVInsideForCausalLM, tokenizer) -> None:
+        """Stage 1's student before its first step, beside the teacher: the report's starting point."""
+        if "baseline" not in self.report:
+            return
+        teacher = self.teacher.model()
+        detach_teacher_attention(student)  # its own outputs flow on, as after training
+        fresh = self._heldout(student, teacher, tokenizer)
+        attach_teacher_attention(student, teacher)
+        self.report["baseline"]["fresh_student"] = fresh
+        for scores in fresh:
+            logger.info("held-out %s: perplexity of the freshly converted student %.2f",
+                        Path(scores["path"]).name, scores["student_ppl"])
 
     def _build(self, stage: Stage, previous: Path | None) -> tuple[RWKVInsideForCausalLM, Any, nn.Module | None]:
         """The stage's student (stage 1 converts the teacher and attaches its attentions; later stages
@@ -270,6 +281,8 @@ class Pipeline:
                                              reduce=sum_over_processes)
             logger.info("stage 1: output scale calibrated per layer (factors %.3g to %.3g)",
                         min(factors.values()), max(factors.values()))
+        if stage.aligns and not saved:
+            self._score_fresh_student(student, tokenizer)
         trainable = select_trainable(student, stage_config.trainable)
         if self.config.train.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -419,16 +432,17 @@ def render_report(report: dict[str, Any]) -> str:
         loss = s.get("final", {}).get("loss")
         lines.append(f"| {number} ({s['name']}) | {s['step']} | {s['tokens']} | {s['elapsed']:.0f} | "
                      f"{s.get('ended_by', '')} | {'' if loss is None else f'{loss:.4g}'} |")
-    base = report.get("baseline")
-    teacher_ppl = {f["path"]: f["student_ppl"] for f in base["teacher"]} if base else {}
-    rows = []
-    if base:
-        rows += [(f["path"], "teacher", f["student_ppl"], None, None) for f in base["teacher"]]
-        rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"])
-                 for f in base["fresh_student"]]
+    base = report.get("baseline") or {}
+    teacher_ppl = {f["path"]: f["student_ppl"] for f in base.get("teacher") or []}
+    rows = [(f["path"], "teacher", f["student_ppl"], None, None) for f in base.get("teacher") or []]
+    rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"])
+             for f in base.get("fresh_student") or []]
     for number, s in stages:
         rows += [(f["path"], f"student after stage {number}", f["student_ppl"], f["agreement"], f["kl"])
                  for f in s.get("heldout") or []]
+        for f in s.get("heldout") or []:  # scored beside the teacher: a run without a baseline has it too
+            if f.get("teacher_ppl") is not None:
+                teacher_ppl.setdefault(f["path"], f["teacher_ppl"])
     if rows:
         lines += ["", "Held-out text in windows of the training length, each file scored on up to "
                   "data.eval_tokens target tokens:", "",

@@ -13,8 +13,9 @@ teacher output, then every mixer prepares its state-update inputs (`RWKV7TimeMix
 order, so later layers read the first one's v_first), all layers' heads go through ONE state update
 (heads are independent, so stacking them changes nothing but the size of the kernel launch), and
 each mixer reads its heads back out. The per-layer way (each mixer inside its slot, during the pass)
-is the reference it is tested against, and what runs where DeepSpeed ZeRO-3 partitions the mixers'
-weights (it gathers a module's weights only around that module's own forward call).
+is the reference it is tested against, and what runs on the CPU (where it is faster) and where
+DeepSpeed ZeRO-3 partitions the mixers' weights (it gathers a module's weights only around that
+module's own forward call).
 
 Also here: which parameters a stage trains (`select_trainable`).
 """
@@ -131,14 +132,17 @@ def alignment_losses(student: RWKVInsideForCausalLM, input_ids: Tensor, attentio
                      batched: bool | None = None, relative: bool = True) -> dict[int, Tensor]:
     """Stage 1: run the decoder body (no LM head, no logits); one `alignment_loss` per converted layer.
 
-    batched: all layers' state updates in one call (the module docstring); None: wherever the
-    mixers' weights are whole (not partitioned by DeepSpeed ZeRO-3).
+    batched: all layers' state updates in one call (the module docstring); None: on a GPU, where the
+    mixers' weights are whole (not partitioned by DeepSpeed ZeRO-3). On a GPU one call over every
+    layer's heads fills the chip (an H200: 1.25 ms a layer against 2.65, BENCHMARKS.md); on the CPU the
+    chunked form over so many heads at once is memory-bound and the per-layer way is twice as fast.
     """
     if not is_aligning(student):
         raise RuntimeError("no teacher attention is attached; alignment needs attach_teacher_attention first")
     slots = student.converted_attention()
     if batched is None:
-        batched = not any(hasattr(p, "ds_id") for slot in slots.values() for p in slot.mixer.parameters())
+        weights = [p for slot in slots.values() for p in slot.mixer.parameters()]
+        batched = weights[0].is_cuda and not any(hasattr(p, "ds_id") for p in weights)
     for slot in slots.values():
         slot.deferred = batched
     with recording(slots):
