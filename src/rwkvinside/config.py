@@ -84,7 +84,7 @@ class DataConfig:
     chat: list[str] = field(default_factory=list)  # chat data for stage 3 (JSONL/Parquet `messages`)
     eval: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 512  # tokens per training sequence
-    eval_tokens: int = 16384  # held-out tokens scored at the end of a stage (0: skip)
+    eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
     shuffle_buffer: int = 10000  # sequences held for shuffling in streaming mode
     seed: int = 0
