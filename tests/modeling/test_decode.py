@@ -138,3 +138,30 @@ def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch):
     graphed = student.generate(ids, **options)
     monkeypatch.setattr(decode, "graph_capturable", lambda model, cache: False)
     assert torch.equal(graphed, student.generate(ids, **options))
+
+
+def test_a_step_that_cannot_be_captured_is_decoded_eagerly(make_teacher, monkeypatch, caplog):
+    """Where capturing fails, the loop is put back as it was (the warm-up steps advanced it) and runs
+    eagerly: the same tokens, the same cache, and a warning that says why. (Only an all-RWKV student
+    is ever captured.)"""
+    from rwkvinside.modeling import decode
+
+    torch.manual_seed(0)
+    student = convert(make_teacher("mistral")).eval().requires_grad_(False)
+    ids = prompt()
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected_cache = student.new_cache()
+    expected = student.generate(ids, **{CACHE_KEYWORD: expected_cache}, **options)
+
+    def failing_capture(step):
+        step()  # as the warm-up runs do, before CUDA refuses an operation
+        step()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode, "graph_capturable", lambda model, cache: True)
+    monkeypatch.setattr(decode, "capture", failing_capture)
+    cache = student.new_cache()
+    with caplog.at_level("WARNING"):
+        assert torch.equal(student.generate(ids, **{CACHE_KEYWORD: cache}, **options), expected)
+    assert "decoding eagerly" in caplog.text and "not permitted" in caplog.text
+    assert cache.get_seq_length() == expected_cache.get_seq_length()

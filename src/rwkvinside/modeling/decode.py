@@ -15,6 +15,7 @@ caller uses transformers' `generate` instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentLayer
+
+logger = logging.getLogger(__name__)
 
 # Rows are checked for completion every this many tokens: each check reads a flag back to the host.
 FINISH_CHECK_EVERY = 32
@@ -186,9 +189,8 @@ def recurrent_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     read = cache.get_seq_length()
     prefill = model(input_ids[:, read:], attention_mask=attention_mask, use_cache=True, **{CACHE_KEYWORD: cache})
     loop = DecodeLoop(model, cache, prefill.logits[:, -1], plan)
-    if graph_capturable(model, cache):
-        steps = _replay_graph(loop, plan.max_new_tokens)
-    else:
+    steps = _replay_graph(loop, plan.max_new_tokens) if graph_capturable(model, cache) else None
+    if steps is None:  # eagerly, one step after another
         steps = 1
         while steps < plan.max_new_tokens and not (steps % FINISH_CHECK_EVERY == 0 and loop.all_finished()):
             loop.step()
@@ -211,8 +213,9 @@ def capture(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _replay_graph(loop: DecodeLoop, max_new_tokens: int) -> int:
-    """Run the loop's steps as replays of one captured step; returns the tokens chosen (the first included).
+def _replay_graph(loop: DecodeLoop, max_new_tokens: int) -> int | None:
+    """Run the loop's steps as replays of one captured step; returns the tokens chosen (the first
+    included), or None, with the loop as it was, where the step cannot be captured.
 
     The capture advances the states, so everything is put back before the first replay, and the
     cache's token counts (kept by Python, which replays skip) are set once at the end.
@@ -220,12 +223,21 @@ def _replay_graph(loop: DecodeLoop, max_new_tokens: int) -> int:
     layers = [layer for layer in loop.cache.layers if isinstance(layer, RecurrentLayer)]
     lengths = [layer.length for layer in layers]
     saved = loop.snapshot()
-    graph = capture(loop.step)
+    try:
+        graph = capture(loop.step)
+    except RuntimeError as error:  # an operation CUDA graphs do not allow: decode eagerly instead
+        logger.warning("decoding eagerly: the decoding step could not be captured in a CUDA graph (%s)",
+                       str(error).splitlines()[0])
+        graph = None
     loop.restore(saved)
+    for layer, length in zip(layers, lengths):
+        layer.length = length
+    if graph is None:
+        return None
     steps = 1
     while steps < max_new_tokens and not (steps % FINISH_CHECK_EVERY == 0 and loop.all_finished()):
         graph.replay()
         steps += 1
-    for layer, length in zip(layers, lengths):
-        layer.length = length + steps - 1  # every step but the first read one token
+    for layer in layers:
+        layer.length += steps - 1  # every step but the first read one token
     return steps
