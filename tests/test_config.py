@@ -63,7 +63,7 @@ STAGE_OVERRIDES = {
     "kl_weight": ("0.5", 0.5),
     "ce_weight": ("2", 2.0),
     "temperature": ("2.0", 2.0),
-    "alignment_loss": ("mse", "mse"),
+    "alignment_loss": ("relative", "relative"),
     "teacher_lr_scale": ("0.1", 0.1),
 }
 for _number in STAGE_DEFAULTS:

@@ -44,12 +44,13 @@ def test_alignment_loss_is_the_mean_squared_error_over_real_tokens():
     squared = (student - teacher).pow(2).mean(-1)
     power = teacher.pow(2).mean(-1)
 
-    mse = alignment_loss(student, teacher, mask, relative=False)
+    mse = alignment_loss(student, teacher, mask)  # the default: the plain squared error
     torch.testing.assert_close(mse, squared[mask.bool()].mean())
-    torch.testing.assert_close(alignment_loss(student, teacher, None, relative=False), squared.mean())
-    # relative (the default): each token's error over the teacher's mean square on that token
-    torch.testing.assert_close(alignment_loss(student, teacher, mask), (squared / power)[mask.bool()].mean())
-    torch.testing.assert_close(alignment_loss(student, teacher, None), (squared / power).mean())
+    torch.testing.assert_close(alignment_loss(student, teacher, None), squared.mean())
+    # relative: each token's error over the teacher's mean square on that token
+    torch.testing.assert_close(alignment_loss(student, teacher, mask, relative=True),
+                               (squared / power)[mask.bool()].mean())
+    torch.testing.assert_close(alignment_loss(student, teacher, None, relative=True), (squared / power).mean())
     changed = student.clone()
     changed[0, 3:] += 100.0  # under the padding
     torch.testing.assert_close(alignment_loss(changed, teacher, mask), alignment_loss(student, teacher, mask))
@@ -60,14 +61,14 @@ def test_relative_alignment_loss_weighs_every_layer_alike():
     generator = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    torch.testing.assert_close(alignment_loss(10 * student, 10 * teacher, mask),
-                               alignment_loss(student, teacher, mask))
+    torch.testing.assert_close(alignment_loss(10 * student, 10 * teacher, mask, relative=True),
+                               alignment_loss(student, teacher, mask, relative=True))
     assert alignment_loss(10 * student, 10 * teacher, mask, relative=False) > 50 * alignment_loss(
         student, teacher, mask, relative=False)
 
     student.requires_grad_(True)  # the teacher's scale is a constant: no gradient flows into it
     teacher.requires_grad_(True)
-    alignment_loss(student, teacher, mask).backward()
+    alignment_loss(student, teacher, mask, relative=True).backward()
     relative_gradient = teacher.grad.clone()
     teacher.grad = None
     alignment_loss(student, teacher, mask, relative=False).backward()
@@ -83,8 +84,8 @@ def test_relative_alignment_loss_does_not_depend_on_how_tokens_are_split():
     teacher[2:] *= 10  # the second half's outputs are far larger
     mask = torch.ones(4, 6)
     mask[0, 4:] = 0
-    whole = alignment_loss(student, teacher, mask)
-    halves = [alignment_loss(student[rows], teacher[rows], mask[rows]) * mask[rows].sum()
+    whole = alignment_loss(student, teacher, mask, relative=True)
+    halves = [alignment_loss(student[rows], teacher[rows], mask[rows], relative=True) * mask[rows].sum()
               for rows in (slice(0, 2), slice(2, 4))]
     torch.testing.assert_close(whole, sum(halves) / mask.sum())
 

@@ -43,7 +43,7 @@ from rwkvinside.scoring import final_hidden_states, score
 RELATIVE_FLOOR = 1e-8
 
 
-def alignment_loss(student: Tensor, teacher: Tensor, token_mask: Tensor | None, relative: bool = True) -> Tensor:
+def alignment_loss(student: Tensor, teacher: Tensor, token_mask: Tensor | None, relative: bool = False) -> Tensor:
     """The mean over real tokens of the squared error between the two attention outputs. [B, T, C] -> []
 
     relative: each token's squared error over the squared norm of the teacher's output there (a
@@ -129,7 +129,7 @@ def is_aligning(student: RWKVInsideForCausalLM) -> bool:
 
 
 def alignment_losses(student: RWKVInsideForCausalLM, input_ids: Tensor, attention_mask: Tensor | None = None,
-                     batched: bool | None = None, relative: bool = True) -> dict[int, Tensor]:
+                     batched: bool | None = None, relative: bool = False) -> dict[int, Tensor]:
     """Stage 1: run the decoder body (no LM head, no logits); one `alignment_loss` per converted layer.
 
     batched: all layers' state updates in one call (the module docstring); None: on a GPU, where the
