@@ -86,7 +86,8 @@ from rwkvinside.modeling.loading import load_teacher
 from rwkvinside.modeling.teachers import AttentionGeometry
 from rwkvinside.modeling.time_mixer import MAX_LOG_DECAY
 from rwkvinside.ops.wkv7 import wkv7
-from rwkvinside.ops.wkv7.fla import RWKV7_CHUNK_OPTIONS, wkv7_fla_chunk
+from rwkvinside.ops.wkv7 import tuned
+from rwkvinside.ops.wkv7.fla import RWKV7_CHUNK_OPTIONS, fla_available, wkv7_fla_chunk
 
 logger = logging.getLogger("bench_stages")
 
@@ -143,7 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cold-start", action="store_true",
-                   help="also time stage 1's first step in a fresh process with an empty Triton cache")
+                   help="also time stage 1's first step in a fresh process with an empty Triton cache (fla's "
+                        "kernel choices seeded from the record the package ships for this GPU, as in a user's run)")
+    p.add_argument("--cold-start-untuned", action="store_true",
+                   help="with --cold-start, also time it without the shipped record (every kernel autotunes)")
+    p.add_argument("--record-fla-configs", type=Path, metavar="JSON",
+                   help="write fla's kernel choices made in this run into this record file (merged), e.g. "
+                        "src/rwkvinside/ops/wkv7/tuned/sm90.json")
     p.add_argument("--skip", nargs="+", choices=("steps", "wkv7"), default=[],
                    help="parts not to measure, to split a run over several commands (give each its own --out)")
     p.add_argument("--deepspeed", action="store_true",
@@ -152,14 +159,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default $OUT, else benchmarks/results/)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, float32, a tiny random llama (model 'tiny'), batch 2 x 32, 1 warm-up + 2 timed "
-                        "steps, --cold-start included")
+                        "steps, --cold-start (and --cold-start-untuned) included")
     p.add_argument("--cold-start-child", help=argparse.SUPPRESS)  # internal: the child's result file
+    p.add_argument("--without-tuned-record", action="store_true", help=argparse.SUPPRESS)  # internal: child
     # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dry_run:
         args.models, args.batch_size, args.grad_accum, args.seq_len = ["tiny"], 2, 1, 32
-        args.warmup, args.steps, args.cold_start = 1, 2, True
+        args.warmup, args.steps, args.cold_start, args.cold_start_untuned = 1, 2, True, True
     for name in ("batch_size", "grad_accum", "seq_len", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -623,9 +631,10 @@ def wkv7_benchmark(geometry: AttentionGeometry, args: argparse.Namespace, world:
 # ---- cold start ----------------------------------------------------------------------------------
 
 
-def cold_start(model: str, args: argparse.Namespace) -> dict[str, Any]:
+def cold_start(model: str, args: argparse.Namespace, tuned_record: bool = True) -> dict[str, Any]:
     """Stage 1's first step in a fresh process whose Triton cache is a new empty folder: every kernel
-    compiles and autotunes again, as on a new machine."""
+    compiles again, as on a new machine, and autotunes unless the shipped record names its choice
+    (`tuned_record=False` hides the record: every kernel autotunes)."""
     with tempfile.TemporaryDirectory(prefix="bench_stages_triton_") as cache, \
             tempfile.TemporaryDirectory(prefix="bench_stages_cold_") as scratch:
         result_path = Path(scratch) / "cold_start.json"
@@ -634,7 +643,8 @@ def cold_start(model: str, args: argparse.Namespace) -> dict[str, Any]:
             "--models", model, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
             "--seq-len", str(args.seq_len)]
         command = [sys.executable, str(Path(__file__).resolve()), *sizes, "--teacher", args.teacher,
-                   "--seed", str(args.seed), "--out", scratch, "--cold-start-child", str(result_path)]
+                   "--seed", str(args.seed), "--out", scratch, "--cold-start-child", str(result_path),
+                   *([] if tuned_record else ["--without-tuned-record"])]
         env = {**os.environ, "TRITON_CACHE_DIR": cache}
         logger.info("cold start: %s (TRITON_CACHE_DIR=%s)", " ".join(command), cache)
         started = time.perf_counter()
@@ -646,6 +656,8 @@ def cold_start(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def cold_start_child(args: argparse.Namespace) -> None:
     """In the fresh process: load the teacher, then build stage 1 and run its first step."""
+    if args.without_tuned_record:
+        tuned.TUNED_DIR = Path(tempfile.mkdtemp(prefix="bench_stages_no_record_"))
     world = make_world(args)
     started = time.perf_counter()
     teacher, _ = build_teacher(args.models[0], args, world)
@@ -656,7 +668,9 @@ def cold_start_child(args: argparse.Namespace) -> None:
     synchronize(world.device)
     done = time.perf_counter()
     Path(args.cold_start_child).write_text(json.dumps(
-        {"teacher_load_s": loaded - started, "teacher_loaded_to_first_step_s": done - loaded}))
+        {"teacher_load_s": loaded - started, "teacher_loaded_to_first_step_s": done - loaded,
+         "tuned_record": not args.without_tuned_record,
+         "seeded_entries": tuned.seed_fla_kernels() if world.cuda and fla_available() else 0}))
 
 
 # ---- one model -----------------------------------------------------------------------------------
@@ -670,7 +684,8 @@ def run_model(model: str, args: argparse.Namespace, world: World, report: dict[s
     no second copy."""
     teacher, source = build_teacher(model, args, world)
     geometry = AttentionGeometry.of(teacher.config)
-    report.update(model=model, teacher=source, measurements={}, wkv7=None, cold_start=None, shape={
+    report.update(model=model, teacher=source, measurements={}, wkv7=None, cold_start=None,
+                  cold_start_untuned=None, shape={
         "model_type": teacher.config.model_type, "hidden_size": geometry.hidden_size,
         "layers": geometry.num_layers, "heads": geometry.num_heads, "kv_heads": geometry.num_kv_heads,
         "head_size": geometry.head_dim, "intermediate_size": teacher.config.intermediate_size,
@@ -696,6 +711,9 @@ def run_model(model: str, args: argparse.Namespace, world: World, report: dict[s
     if args.cold_start and not args.deepspeed:
         report["cold_start"] = cold_start(model, args)
         save()
+        if args.cold_start_untuned:
+            report["cold_start_untuned"] = cold_start(model, args, tuned_record=False)
+            save()
 
 
 def add_ratios(measurements: dict[str, Any]) -> dict[str, Any]:
@@ -841,11 +859,14 @@ def render(report: dict[str, Any]) -> str:
         parts.append(losses_table(report["loss_comparison"]))
     if report.get("wkv7"):
         parts.append(wkv7_table(report["wkv7"]))
-    cold = report.get("cold_start")
-    if cold:
-        parts.append(f"Cold start (fresh process, empty Triton cache): stage 1's first step complete "
-                     f"{cold['teacher_loaded_to_first_step_s']:.2f} s after the teacher was loaded (loading "
-                     f"took {cold['teacher_load_s']:.2f} s; the whole process {cold['process_s']:.1f} s).\n")
+    for key, how in (("cold_start", "fla's kernel choices seeded from the shipped record"),
+                     ("cold_start_untuned", "no record: every kernel autotunes")):
+        cold = report.get(key)
+        if cold:
+            parts.append(f"Cold start (fresh process, empty Triton cache; {how}, {cold.get('seeded_entries', 0)} "
+                         f"entries seeded): stage 1's first step complete "
+                         f"{cold['teacher_loaded_to_first_step_s']:.2f} s after the teacher was loaded (loading "
+                         f"took {cold['teacher_load_s']:.2f} s; the whole process {cold['process_s']:.1f} s).\n")
     if report["measurements"]:
         parts.append(steps_table(report, report["settings"]))
     return "\n".join(parts)
@@ -892,6 +913,8 @@ def main() -> None:
                 markdown = render(report)
                 (out / f"{name}.json").write_text(json.dumps(report, indent=2))
                 (out / f"{name}.md").write_text(markdown)
+                if args.record_fla_configs and world.cuda and fla_available():
+                    tuned.write_record(args.record_fla_configs)
                 return markdown
 
             run_model(model, args, world, report, save)

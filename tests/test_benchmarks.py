@@ -32,5 +32,7 @@ def test_bench_stages_dry_run(tmp_path):
     ran = [v for v in variants.values() if "skipped" not in v]
     assert len(ran) == 3 and all(v["ms_per_layer"] > 0 for v in ran)
     assert any("no CUDA" in v.get("skipped", "") for v in variants.values())
-    assert report["cold_start"]["teacher_loaded_to_first_step_s"] > 0
+    for key, record_used in (("cold_start", True), ("cold_start_untuned", False)):
+        assert report[key]["teacher_loaded_to_first_step_s"] > 0
+        assert report[key]["tuned_record"] is record_used
     assert (tmp_path / "bench_stages-tiny.md").is_file()

@@ -21,6 +21,8 @@ adapters always pass both explicitly.
 
 from torch import Tensor
 
+from rwkvinside.ops.wkv7.tuned import seed_fla_kernels
+
 # The options fla's own RWKV-7 layer passes to `chunk_rwkv7`. `lower_bound` promises
 # w >= -e^{-1/2} (true of RWKV-7's decay, not of every caller), which licenses fla's faster
 # tensor-core scheme for the within-chunk products; with it fla picks chunk 64 by itself.
@@ -60,6 +62,7 @@ def wkv7_fla_chunk(
     """
     from fla.ops.rwkv7 import chunk_rwkv7
 
+    seed_fla_kernels()
     return chunk_rwkv7(
         r, w, k, v, a, b,  # fla's own order
         scale=scale,
@@ -86,6 +89,7 @@ def wkv7_fla_fused_recurrent(
     """WKV-7 by fla's step-by-step kernel: decoding, forward only. Inputs [B, T, H, K]."""
     from fla.ops.rwkv7 import fused_recurrent_rwkv7
 
+    seed_fla_kernels()
     return fused_recurrent_rwkv7(
         r, w, k, v, a, b,  # fla's own order
         scale=scale,
