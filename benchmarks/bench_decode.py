@@ -6,10 +6,11 @@
 
 The student is the teacher converted with randomly initialised RWKV-7 time mixers in every layer
 (`--keep-attention` keeps some): timing does not depend on training. For each context length and
-batch size, both models run transformers' `generate` on random prompts: the teacher with its
-DynamicCache, the student with its RecurrentCache, whose single-token steps go to fla's
-`fused_recurrent_rwkv7`. ms/token is (t(N + steps) - t(N)) / steps over two greedy runs of N and
-N + steps new tokens, so the prefill cancels out; each configuration runs once first to warm up
+batch size, both models run `generate` on random prompts: the teacher transformers' own, with its
+DynamicCache (StaticCache with --teacher-static); the student its own decoding loop
+(`modeling.decode`) with its RecurrentCache, whose single-token steps go to fla's
+`fused_recurrent_rwkv7`, replayed from a CUDA graph on a GPU when every layer is RWKV-7.
+ms/token is (t(N + steps) - t(N)) / steps over two greedy runs of N and N + steps new tokens, so the prefill cancels out; each configuration runs once first to warm up
 (kernel compilation, autotuning). Peak memory is the CUDA allocator's peak during the longer run,
 prefill included (at long contexts the prefill's activations set it); "cache" is the size of the
 KV cache or recurrent state the run ends with, what decoding carries. `--cuda-graph` also times
@@ -112,14 +113,20 @@ def time_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, use_cache=True, pad_token_id=0, **options)
     start = time.perf_counter()
-    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0,
-                            return_dict_in_generate=True, **options)
+    if isinstance(model, RWKVInsideForCausalLM):
+        # The student's own loop (its step replayed from a CUDA graph on a GPU) fills the cache it is
+        # given; return_dict_in_generate is an option it leaves to transformers' eager loop.
+        cache = model.new_cache()
+        model.generate(prompt, **{CACHE_KEYWORD: cache}, **settings)
+    else:
+        cache = getattr(model.generate(prompt, return_dict_in_generate=True, **settings), CACHE_KEYWORD)
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, peak, getattr(output, CACHE_KEYWORD)
+    return seconds, peak, cache
 
 
 def measure(model: nn.Module, prompt: torch.Tensor, steps: int, **options: Any) -> dict[str, float | None]:

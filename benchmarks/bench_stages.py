@@ -369,7 +369,9 @@ def build_teacher_finetune(teacher: nn.Module, args: argparse.Namespace, world: 
 def build_teacher_autocast(teacher: nn.Module, args: argparse.Namespace, world: World) -> Step:
     """Full fine-tuning the other common way: float32 weights, the forward pass under bf16 autocast,
     fused AdamW (PlainEngine's betas, eps and clipping) directly on the weights."""
-    teacher.float().requires_grad_(True).train()
+    for param in teacher.parameters():  # not teacher.float(): transformers refuses it on a GGUF-loaded model
+        param.data = param.data.float()
+    teacher.requires_grad_(True).train()
     params = list(teacher.parameters())
     optimizer = torch.optim.AdamW(params, lr=TEACHER_LR, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
                                   fused=True)
@@ -911,7 +913,7 @@ def main() -> None:
                 if args.deepspeed:
                     report["loss_comparison"] = compare_losses(report, out, model, world)
                 markdown = render(report)
-                (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+                (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
                 (out / f"{name}.md").write_text(markdown)
                 if args.record_fla_configs and world.cuda and fla_available():
                     tuned.write_record(args.record_fla_configs)

@@ -36,3 +36,19 @@ def test_bench_stages_dry_run(tmp_path):
         assert report[key]["teacher_loaded_to_first_step_s"] > 0
         assert report[key]["tuned_record"] is record_used
     assert (tmp_path / "bench_stages-tiny.md").is_file()
+
+
+@pytest.mark.slow  # one Python process that imports torch and transformers and decodes: ~15 s on 2 cores
+def test_bench_decode_dry_run(tmp_path):
+    script = ROOT / "benchmarks" / "bench_decode.py"
+    subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], check=True, cwd=ROOT,
+                   timeout=300)
+    rows = json.loads((tmp_path / "bench_decode.json").read_text())["rows"]
+    assert rows
+    for row in rows:
+        # The student's state does not grow with the context; the teacher's KV cache does.
+        assert row["student"]["ms_per_token"] is not None and row["student"]["cache_mb"] > 0
+    states = {row["student"]["cache_mb"] for row in rows if row["batch"] == rows[0]["batch"]}
+    assert len(states) == 1
+    caches = [row["teacher"]["cache_mb"] for row in rows if row["batch"] == rows[0]["batch"]]
+    assert caches == sorted(caches) and caches[0] < caches[-1]
