@@ -137,8 +137,8 @@ class Trainer:
         self.model.train()
         last_save = progress.step
         if self.engine.device.type == "cuda":
-            self.log.waiting("the first step compiles and autotunes the GPU kernels for these shapes "
-                             "(minutes on a machine that has not run them before)")
+            self.log.waiting("the first step compiles the GPU kernels for these shapes (seconds where "
+                             "rwkvinside ships fla's kernel choices for this GPU, minutes of autotuning elsewhere)")
         while budget_fraction(progress, self.stage_config) < 1.0:
             started = time.monotonic()
             record = self.step(progress)
