@@ -104,6 +104,27 @@ def read_log(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+SPIKE_WINDOW = 50  # steps of running median a gradient norm is compared with
+SPIKE_FACTOR = 10.0  # a spike: a norm above this many times that median
+
+
+def gradient_spikes(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The steps whose gradient norm (before clipping) exceeds SPIKE_FACTOR times the median of the
+    SPIKE_WINDOW steps before it: a sign of instability that clipping hides. Steps with fewer than 10
+    before them are not judged; a non-finite norm (a skipped step) is not counted here."""
+    norms = [(r["step"], r["grad_norm"]) for r in records
+             if isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
+    spikes = []
+    for i, (step, norm) in enumerate(norms):
+        window = sorted(n for _, n in norms[max(0, i - SPIKE_WINDOW):i])
+        if len(window) >= 10:
+            median = window[len(window) // 2]
+            if norm > SPIKE_FACTOR * median:
+                spikes.append({"step": step, "grad_norm": norm, "median": median})
+    worst = max(spikes, key=lambda spike: spike["grad_norm"] / spike["median"], default=None)
+    return {"steps_judged": max(0, len(norms) - 10), "count": len(spikes), "worst": worst}
+
+
 def plot_alignment(records: list[dict[str, Any]], path: Path) -> None:
     """After stage 1: each layer's alignment loss at the start and the end of the stage."""
     import matplotlib

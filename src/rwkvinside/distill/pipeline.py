@@ -33,7 +33,7 @@ from rwkvinside.distill.checkpoint import checkpoints, load_checkpoint
 from rwkvinside.distill.engine import (join_process_group, launched_world, leave_process_group, make_engine,
                                        read_deepspeed_json, sum_over_processes)
 from rwkvinside.distill.loop import Progress, Trainer, ended_by
-from rwkvinside.distill.metrics import RunLog, plot_alignment, read_log
+from rwkvinside.distill.metrics import SPIKE_FACTOR, SPIKE_WINDOW, RunLog, gradient_spikes, plot_alignment, read_log
 from rwkvinside.distill.stages import STAGES, Stage
 from rwkvinside.errors import UserError
 from rwkvinside.evaluation.compare import compare_on_file
@@ -394,6 +394,7 @@ class Pipeline:
             if records:
                 last = records[-1]
                 summary["final"] = {k: v for k, v in last.items() if k not in ("stage",) and not k.startswith("align/")}
+                summary["gradient_spikes"] = gradient_spikes(records)
                 if stage.aligns:
                     plot_alignment(records, folder / "alignment.png")
                     summary["final_alignment_by_layer"] = {k: v for k, v in last.items() if k.startswith("align/")}
@@ -432,6 +433,13 @@ def render_report(report: dict[str, Any]) -> str:
         loss = s.get("final", {}).get("loss")
         lines.append(f"| {number} ({s['name']}) | {s['step']} | {s['tokens']} | {s['elapsed']:.0f} | "
                      f"{s.get('ended_by', '')} | {'' if loss is None else f'{loss:.4g}'} |")
+    spiky = [(number, s["gradient_spikes"]) for number, s in stages if (s.get("gradient_spikes") or {}).get("count")]
+    for number, spikes in spiky:
+        worst = spikes["worst"]
+        lines += ["", f"Stage {number}: {spikes['count']} of {spikes['steps_judged']} steps had a gradient norm above "
+                  f"{SPIKE_FACTOR:g}x the median of the {SPIKE_WINDOW} steps before (the worst: {worst['grad_norm']:.4g} "
+                  f"at step {worst['step']}, median {worst['median']:.3g}); clipping bounded the updates, but "
+                  "such spikes point to an unstable recipe (a learning rate too high for some parameters)."]
     base = report.get("baseline") or {}
     teacher_ppl = {f["path"]: f["student_ppl"] for f in base.get("teacher") or []}
     rows = [(f["path"], "teacher", f["student_ppl"], None, None) for f in base.get("teacher") or []]
