@@ -27,6 +27,7 @@ OVERRIDES = {
     "data.chat": ("chat.jsonl", ["chat.jsonl"]),  # a single path where a list is expected
     "data.eval": ("[held.txt]", ["held.txt"]),
     "data.seq_len": ("1024", 1024),
+    "data.eos_first": ("false", False),
     "data.eval_tokens": ("0", 0),
     "data.streaming": ("true", True),
     "data.shuffle_buffer": ("50", 50),

@@ -84,6 +84,10 @@ class DataConfig:
     chat: list[str] = field(default_factory=list)  # chat data for stage 3 (JSONL/Parquet `messages`)
     eval: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 512  # tokens per training sequence
+    # every packed training sequence starts with the EOS, as a document does: a window that starts
+    # mid-text puts an arbitrary token at position 0, the teacher's attention sink, and stage 2's
+    # gradient spiked there (off: every window is a plain slice of the stream; BENCHMARKS.md)
+    eos_first: bool = True
     eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
     shuffle_buffer: int = 10000  # sequences held for shuffling in streaming mode

@@ -23,7 +23,7 @@ def windows(batch_list: list[dict]) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_text_batches_follow_the_contract(tiny_tokenizer, text_corpus, streaming):
-    config = DataConfig(seq_len=16, streaming=streaming)
+    config = DataConfig(seq_len=16, streaming=streaming, eos_first=False)  # plain slices of the stream
     stream = reference_stream(tiny_tokenizer, DOCS)
     starts = {tuple(stream[i: i + 16]): i for i in range(0, len(stream) - 16, 16)}
     for batch in batches(config, [str(text_corpus)], tiny_tokenizer, 6, batch_size=2):
@@ -35,9 +35,20 @@ def test_text_batches_follow_the_contract(tiny_tokenizer, text_corpus, streaming
             assert labels == stream[start + 1: start + 17]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_eos_first_starts_every_sequence_with_the_eos(tiny_tokenizer, text_corpus, streaming):
+    config = DataConfig(seq_len=16, streaming=streaming, eos_first=True)
+    stream, eos = reference_stream(tiny_tokenizer, DOCS), tiny_tokenizer.eos_token_id
+    chunks = {tuple(stream[i: i + 16]) for i in range(0, len(stream) - 15, 16)}
+    for batch in batches(config, [str(text_corpus)], tiny_tokenizer, 6, batch_size=2):
+        assert batch["input_ids"][:, 0].tolist() == [eos, eos]
+        assert all(tuple(labels) in chunks for labels in batch["labels"].tolist())
+
+
 def test_the_paths_given_are_read_not_the_config_lists(tiny_tokenizer, text_corpus, tmp_path):
     """The config's train/chat lists are the pipeline's to choose from; the loader reads `paths`."""
-    config = DataConfig(train=[str(tmp_path / "missing.txt")], chat=[str(tmp_path / "missing.jsonl")], seq_len=16)
+    config = DataConfig(train=[str(tmp_path / "missing.txt")], chat=[str(tmp_path / "missing.jsonl")], seq_len=16,
+                        eos_first=False)
     (batch,) = batches(config, [str(text_corpus)], tiny_tokenizer, 1, batch_size=2)
     stream = reference_stream(tiny_tokenizer, DOCS)
     windows_of_stream = {tuple(stream[i: i + 16]) for i in range(0, len(stream) - 16, 16)}

@@ -71,8 +71,9 @@ def test_texts_and_samples_train_together(tiny_tokenizer, tmp_path):
     write_docs(tmp_path / "text", DOCS)
     loader = build_train_loader(DataConfig(seq_len=SEQ_LEN), [str(tmp_path / "text"), str(folder)], 1,
                                 tiny_tokenizer, chat=False)
-    stream = reference_stream(tiny_tokenizer, DOCS * 2)
-    windows = Counter(tuple(stream[i: i + SEQ_LEN]) for i in range(0, len(stream) - SEQ_LEN, SEQ_LEN))
+    stream, eos = reference_stream(tiny_tokenizer, DOCS * 2), tiny_tokenizer.eos_token_id
+    # Each window: the EOS, then the stream's next SEQ_LEN - 1 inputs (data.eos_first, the default).
+    windows = Counter((eos, *stream[i: i + SEQ_LEN - 1]) for i in range(0, len(stream) - SEQ_LEN + 1, SEQ_LEN))
     assert loader.steps_per_epoch == windows.total()
     epoch = islice(loader, windows.total())
     assert Counter(tuple(batch["input_ids"][0].tolist()) for batch in epoch) == windows
@@ -160,7 +161,7 @@ def test_weighted_files_end_to_end(tiny_tokenizer, tmp_path):
     loader = build_train_loader(DataConfig(seq_len=SEQ_LEN, seed=1), entries, 1, tiny_tokenizer, chat=False)
 
     def windows(documents) -> list[tuple[int, ...]]:
-        dataset = PackedDataset.from_texts(documents, tiny_tokenizer, SEQ_LEN)
+        dataset = PackedDataset.from_texts(documents, tiny_tokenizer, SEQ_LEN, eos_first=True)
         return [tuple(dataset[i]["input_ids"].tolist()) for i in range(len(dataset))]
 
     plain = windows(DOCS[:2] + DOCS[2:])  # a and b: weight 1, one stream

@@ -65,6 +65,49 @@ def test_streaming_windows_equal_in_memory_windows(tiny_tokenizer, dataset):
             assert torch.equal(value, dataset[i][key])
 
 
+# ---- eos_first: every window starts with the EOS, as a document does --------------------------------
+
+
+@pytest.fixture
+def eos_first_dataset(tiny_tokenizer) -> PackedDataset:
+    return PackedDataset.from_texts(DOCS, tiny_tokenizer, SEQ_LEN, eos_first=True)
+
+
+def test_with_eos_first_a_window_is_the_eos_then_the_next_seq_len_stream_tokens(tiny_tokenizer,
+                                                                                eos_first_dataset):
+    stream, eos = reference_stream(tiny_tokenizer, DOCS), tiny_tokenizer.eos_token_id
+    assert len(eos_first_dataset) == len(stream) // SEQ_LEN
+    for i in range(len(eos_first_dataset)):
+        sample = eos_first_dataset[i]
+        chunk = stream[i * SEQ_LEN: (i + 1) * SEQ_LEN]
+        assert sample["input_ids"].tolist() == [eos] + chunk[:-1]
+        assert sample["labels"].tolist() == chunk  # the first stream token is predicted from the EOS alone
+
+
+def test_with_eos_first_every_stream_token_is_a_target_exactly_once(tiny_tokenizer, eos_first_dataset):
+    stream = reference_stream(tiny_tokenizer, DOCS)
+    targets = torch.cat([eos_first_dataset[i]["labels"] for i in range(len(eos_first_dataset))]).tolist()
+    assert targets == stream[: len(eos_first_dataset) * SEQ_LEN]
+    assert eos_first_dataset.num_target_tokens == len(targets)
+
+
+def test_with_eos_first_streaming_windows_equal_in_memory_windows(tiny_tokenizer, eos_first_dataset):
+    chunks = np.array_split(np.asarray(reference_stream(tiny_tokenizer, DOCS), dtype=np.int32), 37)
+    windows = list(pack_windows(chunks, SEQ_LEN, lead=tiny_tokenizer.eos_token_id))
+    assert len(windows) == len(eos_first_dataset)
+    for i, window in enumerate(windows):
+        for key, value in packed_sample(window, SEQ_LEN).items():
+            assert torch.equal(value, eos_first_dataset[i][key])
+
+
+def test_with_eos_first_a_corpus_of_seq_len_tokens_is_enough(tiny_tokenizer):
+    count = len(reference_stream(tiny_tokenizer, ["tiny"]))
+    assert len(PackedDataset.from_texts(["tiny"], tiny_tokenizer, count, eos_first=True)) == 1
+    with pytest.raises(UserError, match=rf"has {count} tokens but one training sequence of --seq-len {count + 1} "
+                                        rf"needs {count + 1}"):
+        PackedDataset.from_texts(["tiny"], tiny_tokenizer, count + 1, eos_first=True)
+
+
 def test_corpus_too_small_for_one_sequence(tiny_tokenizer):
     count = len(reference_stream(tiny_tokenizer, ["tiny"]))
     message = rf"has {count} tokens but one training sequence of --seq-len 64 needs 65; give a smaller"

@@ -370,7 +370,7 @@ def bad_data(tmp_path: Path, kind: str) -> Path:
     ("missing_data", "data path .* does not exist"),
     ("empty", "holds no documents"),
     ("latin1", "not valid UTF-8"),
-    ("small", "one training sequence of --seq-len 32 needs 33"),
+    ("small", "the corpus has 10 tokens but one training sequence of --seq-len 32 needs 32"),
     ("unknown_key", "unknown config key 'stage1.learning_rate'"),
     ("bad_stage", "--stage must be 1, 2, 3 or all"),
     ("missing_deepspeed_json", "DeepSpeed config .* does not exist"),

@@ -25,6 +25,7 @@ from rwkvinside.ops.wkv7.fla import (
 
 # `import rwkvinside.ops.wkv7 as m` would give the function: rwkvinside.ops re-exports it by that name.
 wkv7_module = importlib.import_module("rwkvinside.ops.wkv7")
+fla_adapters = importlib.import_module("rwkvinside.ops.wkv7.fla")
 INPUT_NAMES = ("r", "w", "k", "v", "a", "b")
 CPU_TOLERANCE = 1e-5
 # fla's chunk kernel warns on every float32 call; the tests below say how well it does.
@@ -255,12 +256,16 @@ def test_fla_adapters_pass_scale_and_output_final_state(monkeypatch):
     for name, module in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops"))):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "fla.ops.rwkv7", fake)
+    # The shipped kernel choices are seeded before each launch (tested in test_tuned.py).
+    seeded = []
+    monkeypatch.setattr(fla_adapters, "seed_fla_kernels", lambda: seeded.append(True))
     inputs = make_inputs(1, 3, 1, 4)
     wkv7_fla_chunk(*(inputs[name] for name in INPUT_NAMES), **RWKV7_CHUNK_OPTIONS)
     wkv7_fla_fused_recurrent(*(inputs[name] for name in INPUT_NAMES))
     defaults = {"scale": 1.0, "initial_state": None, "output_final_state": False}
     assert calls["chunk"] == defaults | RWKV7_CHUNK_OPTIONS | {"disable_recompute": False}
     assert calls["fused_recurrent"] == defaults
+    assert seeded == [True, True]
 
 
 def test_importing_the_ops_does_not_import_fla():

@@ -11,6 +11,13 @@ read too; masking them would only discard targets. Sequence i is the window
 `stream[i*T : i*T + T + 1]` of T+1 tokens: its first T tokens are the inputs and its last T the
 targets, so consecutive windows overlap by one token and every token after the first is a target
 exactly once. The incomplete last window is dropped.
+
+With a lead token (`data.eos_first`: the EOS), window i is instead `EOS stream[i*T : i*T + T]`: every
+sequence starts as a document does, and the T stream tokens after the EOS are its targets (no
+overlap; every token is a target exactly once). Position 0 is special to a transformer teacher (its
+attention sink, a residual activation hundreds of times the others'); a window that starts mid-text
+puts an arbitrary token there, and in stage 2 that position's gradients spiked by up to 50,000x
+the median token's (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -67,19 +74,33 @@ def separated(ids: Sequence[int], eos: int) -> list[int]:
     return ids if ids[-1:] == [eos] else ids + [eos]
 
 
-def pack_windows(chunks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
-    """Windows [seq_len+1] of a token stream given in chunks, overlapping by one token (streaming)."""
+def stream_tokens_needed(seq_len: int, lead: int | None) -> int:
+    """Stream tokens one window reads: seq_len + 1 (inputs and the last target), or seq_len after a lead."""
+    return seq_len if lead is not None else seq_len + 1
+
+
+def window_at(tokens: np.ndarray, index: int, seq_len: int, lead: int | None) -> np.ndarray:
+    """Window `index` [seq_len+1] of a stream: the stream's own tokens, or `lead` then seq_len of them."""
+    start = index * seq_len
+    if lead is None:
+        return tokens[start: start + seq_len + 1].copy()
+    return np.concatenate([np.array([lead], dtype=tokens.dtype), tokens[start: start + seq_len]])
+
+
+def pack_windows(chunks: Iterable[np.ndarray], seq_len: int, lead: int | None = None) -> Iterator[np.ndarray]:
+    """Windows [seq_len+1] of a token stream given in chunks (streaming), as `window_at` cuts them."""
+    needed = stream_tokens_needed(seq_len, lead)
     buffer = np.empty(0, dtype=np.int32)
     total = 0
     for chunk in chunks:
         total += chunk.size
         buffer = np.concatenate([buffer, chunk])
-        count = (buffer.size - 1) // seq_len
+        count = (buffer.size - needed) // seq_len + 1 if buffer.size >= needed else 0
         for i in range(count):  # copies: a view would keep the whole chunk alive in a shuffle buffer
-            yield buffer[i * seq_len: i * seq_len + seq_len + 1].copy()
-        buffer = buffer[count * seq_len:]  # keeps the overlap token: the next window's first input
-    if total < seq_len + 1:
-        raise too_small(total, seq_len)
+            yield window_at(buffer, i, seq_len, lead)
+        buffer = buffer[count * seq_len:]  # without a lead it keeps the overlap token, the next first input
+    if total < needed:
+        raise too_small(total, seq_len, needed)
 
 
 def packed_sample(window: np.ndarray, seq_len: int) -> Sample:
@@ -87,35 +108,38 @@ def packed_sample(window: np.ndarray, seq_len: int) -> Sample:
     return shifted_sample(torch.from_numpy(np.ascontiguousarray(window)), seq_len, pad_id=0)
 
 
-def too_small(num_tokens: int, seq_len: int) -> UserError:
+def too_small(num_tokens: int, seq_len: int, needed: int) -> UserError:
     return UserError(f"the corpus has {num_tokens} tokens but one training sequence of --seq-len {seq_len} "
-                     f"needs {seq_len + 1}; give a smaller --seq-len or more data")
+                     f"needs {needed}; give a smaller --seq-len or more data")
 
 
 class PackedDataset:
     """All packed sequences of an in-memory token stream; item i is window i as a `Sample`."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
-        """tokens: [N] int32, the whole stream."""
-        if tokens.size < seq_len + 1:
-            raise too_small(tokens.size, seq_len)
+    def __init__(self, tokens: np.ndarray, seq_len: int, lead: int | None = None) -> None:
+        """tokens: [N] int32, the whole stream; lead: a token to start every window with (or None)."""
+        needed = stream_tokens_needed(seq_len, lead)
+        if tokens.size < needed:
+            raise too_small(tokens.size, seq_len, needed)
         self.tokens = tokens
         self.seq_len = seq_len
+        self.lead = lead
 
     @classmethod
     def from_texts(cls, documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase,
-                   seq_len: int) -> "PackedDataset":
-        """The packed stream of documents: texts, or token ids (`tokenize_stream`)."""
-        return cls(np.concatenate(list(tokenize_stream(documents, tokenizer))), seq_len)
+                   seq_len: int, eos_first: bool = False) -> "PackedDataset":
+        """The packed stream of documents: texts, or token ids (`tokenize_stream`); with eos_first
+        every window starts with the EOS."""
+        return cls(np.concatenate(list(tokenize_stream(documents, tokenizer))), seq_len,
+                   eos_id(tokenizer) if eos_first else None)
 
     def __len__(self) -> int:
-        return (self.tokens.size - 1) // self.seq_len
+        return (self.tokens.size - stream_tokens_needed(self.seq_len, self.lead)) // self.seq_len + 1
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        start = index * self.seq_len
-        return packed_sample(self.tokens[start: start + self.seq_len + 1], self.seq_len)
+        return packed_sample(window_at(self.tokens, index, self.seq_len, self.lead), self.seq_len)
 
     @property
     def num_target_tokens(self) -> int:

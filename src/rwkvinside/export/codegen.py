@@ -171,7 +171,7 @@ def _optional_lazy_imports(node: ast.stmt) -> list[ast.stmt]:
             if isinstance(child, (ast.Import, ast.ImportFrom)) and in_function:
                 is_import = isinstance(child, ast.Import)
                 modules = [a.name for a in child.names] if is_import else [child.module or ""]
-                if child.level == 0 and any(_optional(m) for m in modules):
+                if getattr(child, "level", 0) == 0 and any(_optional(m) for m in modules):  # Import has no level
                     found.append(child)
             visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
