@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rwkvinside.modeling.convert import ConversionSpec, convert
+from rwkvinside.modeling.decode import capture
 from rwkvinside.modeling.student import RWKVInsideForCausalLM
 from rwkvinside.modeling.loading import load_teacher
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentLayer
@@ -159,15 +160,7 @@ def graphed_step_ms(student: RWKVInsideForCausalLM, prompt: torch.Tensor, steps:
             cache.layers[i].state = buffer
         token.copy_(logits[:, -1:].argmax(-1))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture, as CUDA graphs require
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)  # the decoding loop's own capture
     graph.replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
