@@ -80,10 +80,10 @@ def stream_tokens_needed(seq_len: int, lead: int | None) -> int:
 
 
 def window_at(tokens: np.ndarray, index: int, seq_len: int, lead: int | None) -> np.ndarray:
-    """Window `index` [seq_len+1] of a stream: the stream's own tokens, or `lead` then seq_len of them."""
+    """Window `index` [seq_len+1] of a stream: its own tokens (a view), or `lead` then seq_len of them."""
     start = index * seq_len
     if lead is None:
-        return tokens[start: start + seq_len + 1].copy()
+        return tokens[start: start + seq_len + 1]
     return np.concatenate([np.array([lead], dtype=tokens.dtype), tokens[start: start + seq_len]])
 
 
@@ -97,7 +97,7 @@ def pack_windows(chunks: Iterable[np.ndarray], seq_len: int, lead: int | None = 
         buffer = np.concatenate([buffer, chunk])
         count = (buffer.size - needed) // seq_len + 1 if buffer.size >= needed else 0
         for i in range(count):  # copies: a view would keep the whole chunk alive in a shuffle buffer
-            yield window_at(buffer, i, seq_len, lead)
+            yield window_at(buffer, i, seq_len, lead).copy()
         buffer = buffer[count * seq_len:]  # without a lead it keeps the overlap token, the next first input
     if total < needed:
         raise too_small(total, seq_len, needed)
