@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
                    help="layers the student keeps as softmax attention (default: none)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time the student's bare step replayed as a CUDA graph, outside `generate`")
+    p.add_argument("--compile", action="store_true",
+                   help="also time a student whose time mixers are compiled (compile_time_mixers)")
     p.add_argument("--student-context", type=int, default=0,
                    help="prompt the student with only the last N tokens (its cost per token does not depend on "
                         "the context: its state has one size; this skips its long prefills)")
@@ -170,15 +172,16 @@ def graphed_step_ms(student: RWKVInsideForCausalLM, prompt: torch.Tensor, steps:
     return 1e3 * (time.perf_counter() - start) / steps
 
 
-def run_config(teacher: nn.Module, student: RWKVInsideForCausalLM, context: int, batch: int, args: argparse.Namespace,
-               device: torch.device) -> dict[str, Any]:
+def run_config(teacher: nn.Module, student: RWKVInsideForCausalLM, compiled: RWKVInsideForCausalLM | None,
+               context: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(context + batch)
     prompt = torch.randint(1, teacher.config.vocab_size, (batch, context), generator=generator).to(device)
     row: dict[str, Any] = {"context": context, "batch": batch}
     teacher_options = {"cache_implementation": "static"} if args.teacher_static else {}
     student_prompt = prompt[:, -args.student_context:] if args.student_context else prompt
-    for name, model, options, ids in (("teacher", teacher, teacher_options, prompt),
-                                      ("student", student, {}, student_prompt)):
+    models = [("teacher", teacher, teacher_options, prompt), ("student", student, {}, student_prompt)]
+    models += [("student_compiled", compiled, {}, student_prompt)] if compiled is not None else []
+    for name, model, options, ids in models:
         try:
             row[name] = measure(model, ids, args.steps, **options)
         except torch.cuda.OutOfMemoryError:
@@ -188,6 +191,8 @@ def run_config(teacher: nn.Module, student: RWKVInsideForCausalLM, context: int,
             torch.cuda.empty_cache()
     if args.cuda_graph:
         row["student_graph_ms_per_token"] = graphed_step_ms(student, prompt, args.steps)
+        if compiled is not None:
+            row["student_compiled_graph_ms_per_token"] = graphed_step_ms(compiled, prompt, args.steps)
     logger.info("context %d, batch %d: %s", context, batch, row)
     return row
 
@@ -198,9 +203,11 @@ def _cell(result: dict | None, key: str, spec: str) -> str:
     return "-" if result.get(key) is None else format(result[key], spec)
 
 
-def markdown(rows: list[dict[str, Any]], header: str, graph: bool) -> str:
+def markdown(rows: list[dict[str, Any]], header: str, graph: bool, compiled: bool) -> str:
     columns = ["context", "batch", "teacher ms/token", "student ms/token"]
+    columns += ["student compiled ms/token"] if compiled else []
     columns += ["student, CUDA graph"] if graph else []
+    columns += ["student compiled, CUDA graph"] if graph and compiled else []
     columns += ["speed-up", "teacher peak GB", "student peak GB", "teacher KV cache MB", "student state MB"]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -209,7 +216,9 @@ def markdown(rows: list[dict[str, Any]], header: str, graph: bool) -> str:
                    if teacher is not None and student is not None else "-")
         cells = [str(row["context"]), str(row["batch"]), _cell(teacher, "ms_per_token", ".2f"),
                  _cell(student, "ms_per_token", ".2f")]
+        cells += [_cell(row["student_compiled"], "ms_per_token", ".2f")] if compiled else []
         cells += [f"{row['student_graph_ms_per_token']:.2f}"] if graph else []
+        cells += [f"{row['student_compiled_graph_ms_per_token']:.2f}"] if graph and compiled else []
         cells += [speedup, _cell(teacher, "peak_gb", ".2f"), _cell(student, "peak_gb", ".2f"),
                   _cell(teacher, "cache_mb", ".1f"), _cell(student, "cache_mb", ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -231,13 +240,18 @@ def main() -> None:
     spec = ConversionSpec(layers=tuple(layers), init="rwkv")
     student = convert(teacher, spec)
     student.eval()
+    compiled = None
+    if args.compile:
+        compiled = convert(teacher, spec).eval()
+        compiled.compile_time_mixers()
 
     with torch.no_grad():
         # Once before any timing: the first generate of a process pays one-off costs (allocator, clocks).
         warm_up = torch.ones(1, 16, dtype=torch.long, device=device)
-        for model in (teacher, student):
-            time_generate(model, warm_up, FIRST_TOKENS + args.steps)
-        rows = [run_config(teacher, student, context, batch, args, device)
+        for model in (teacher, student, compiled):
+            if model is not None:
+                time_generate(model, warm_up, FIRST_TOKENS + args.steps)
+        rows = [run_config(teacher, student, compiled, context, batch, args, device)
                 for batch in args.batches for context in args.contexts]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     source = args.teacher or teacher.name_or_path or "random"
@@ -249,7 +263,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     results = {"device": name, "settings": settings, "rows": rows}
     (out / "bench_decode.json").write_text(json.dumps(results, indent=2))
-    table = markdown(rows, header, args.cuda_graph)
+    table = markdown(rows, header, args.cuda_graph, args.compile)
     (out / "bench_decode.md").write_text(table)
     print(table)
 

@@ -23,7 +23,10 @@ next tokens, a fixed seed):
 - stage 1, stage 2 (trainable=all) and stage 2 (trainable=mixers), each through the project's own
   training code: `convert`, `attach_teacher_attention` (stage 1), `select_trainable`, `make_engine`
   and `Trainer.step` with `STAGES[n]`; micro-batch --batch-size, --grad-accum micro-batches a step,
-  so every row trains the same tokens per optimizer step.
+  so every row trains the same tokens per optimizer step;
+- with --compile, each stage step again with `train.compile` (the time mixers compiled around their
+  state update), right after the same step without it; "warmup_s" holds the untimed steps' seconds,
+  the first of which pays the compilation.
 
 Each runs --warmup steps (the first autotunes Triton kernels), then --steps timed steps, synchronised
 around each (the median is reported), then one step under torch.profiler: the device time under each
@@ -117,8 +120,11 @@ MEASUREMENTS = {  # key -> row label, in the order of the table
     "teacher": "teacher fine-tuning: bf16 weights, fp32 master weights (PlainEngine)",
     "teacher_autocast": "teacher fine-tuning: fp32 weights, bf16 autocast",
     "stage1": "stage 1 (attention alignment)",
+    "stage1_compiled": "stage 1, train.compile",
     "stage2_all": "stage 2, trainable=all",
+    "stage2_all_compiled": "stage 2, trainable=all, train.compile",
     "stage2_mixers": "stage 2, trainable=mixers",
+    "stage2_mixers_compiled": "stage 2, trainable=mixers, train.compile",
 }
 TEACHER_LR = 1e-5  # a full fine-tuning learning rate; the step's cost does not depend on it
 LOSS_TOLERANCE = 2e-2  # relative; bf16 runs on different process counts agree to about 1e-2
@@ -153,6 +159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "src/rwkvinside/ops/wkv7/tuned/sm90.json")
     p.add_argument("--skip", nargs="+", choices=("steps", "wkv7"), default=[],
                    help="parts not to measure, to split a run over several commands (give each its own --out)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure each stage step with train.compile (after the same step without)")
+    p.add_argument("--rows", nargs="+", choices=list(MEASUREMENTS), default=[],
+                   help="measure only these rows (default: all; the teacher's is every ratio's baseline)")
     p.add_argument("--deepspeed", action="store_true",
                    help="only the stage-2 steps, through DeepSpeed ZeRO-2 (run with 1, then 2 processes)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
@@ -221,11 +231,13 @@ def make_world(args: argparse.Namespace) -> World:
     return World(rank, size, device, torch.float32 if args.dry_run else torch.bfloat16)
 
 
-def run_config(args: argparse.Namespace, world: World, trainable: str, deepspeed: bool) -> Config:
+def run_config(args: argparse.Namespace, world: World, trainable: str, deepspeed: bool,
+               compiled: bool = False) -> Config:
     """The distillation config of a measurement: the micro-batch per process (the global batch split
     over the processes), a step budget for the schedule, the stages' own learning rates."""
     total_steps = args.warmup + args.steps + 1  # + the profiled step
-    train = TrainConfig(batch_size=args.batch_size // world.size, grad_accum=args.grad_accum, seed=args.seed)
+    train = TrainConfig(batch_size=args.batch_size // world.size, grad_accum=args.grad_accum, seed=args.seed,
+                        compile=compiled)
     stages = {f"stage{n}": dataclasses.replace(STAGE_DEFAULTS[n](), max_steps=total_steps) for n in (1, 2)}
     stages["stage2"] = dataclasses.replace(stages["stage2"], trainable=trainable)
     engine = EngineConfig(kind="deepspeed" if deepspeed else "plain", zero_stage=2)
@@ -311,21 +323,23 @@ def trainer_step(stage: Stage, config: Config, student: nn.Module, teacher: nn.M
     return step
 
 
-def build_stage1(teacher: nn.Module, args: argparse.Namespace, world: World) -> Step:
+def build_stage1(teacher: nn.Module, args: argparse.Namespace, world: World, compiled: bool = False) -> Step:
     """Stage 1 as the pipeline builds it: the student shares the teacher's tensors and holds its
     attentions beside the time mixers."""
     torch.manual_seed(args.seed)  # the mixers' initialisation
     student = convert(teacher, ConversionSpec())
     attach_teacher_attention(student, teacher)
-    return trainer_step(STAGES[1], run_config(args, world, "mixers", False), student, None, args, world)
+    config = run_config(args, world, "mixers", False, compiled)
+    return trainer_step(STAGES[1], config, student, None, args, world)
 
 
-def build_stage2(teacher: nn.Module, trainable: str, args: argparse.Namespace, world: World) -> Step:
+def build_stage2(teacher: nn.Module, trainable: str, args: argparse.Namespace, world: World,
+                 compiled: bool = False) -> Step:
     """Stage 2: a student with weights of its own (the pipeline loads stage 1's from its folder; here a
     converted copy of the teacher) beside the frozen teacher, which gives the logits."""
     torch.manual_seed(args.seed)
     student = convert(copy.deepcopy(teacher), ConversionSpec())  # the copy's attentions go with it
-    config = run_config(args, world, trainable, args.deepspeed)
+    config = run_config(args, world, trainable, args.deepspeed, compiled)
     return trainer_step(STAGES[2], config, student, teacher, args, world)
 
 
@@ -407,7 +421,14 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
         step = build()
         if world.cuda:
             torch.cuda.reset_peak_memory_stats(world.device)
-        losses = [step() for _ in range(args.warmup)]
+        losses, warmup_s = [], []
+        for _ in range(args.warmup):  # the first step compiles (Triton, and torch.compile where asked)
+            synchronize(world.device)
+            started = time.perf_counter()
+            losses.append(step())
+            synchronize(world.device)
+            warmup_s.append(time.perf_counter() - started)
+        result["warmup_s"] = warmup_s
         times = []
         for _ in range(args.steps):
             synchronize(world.device)
@@ -695,14 +716,19 @@ def run_model(model: str, args: argparse.Namespace, world: World, report: dict[s
         "attn_implementation": teacher.config._attn_implementation})
     plan: list[tuple[str, Callable[[], Step]]] = [
         ("stage1", lambda: build_stage1(teacher, args, world)),
+        ("stage1_compiled", lambda: build_stage1(teacher, args, world, compiled=True)),
         ("stage2_all", lambda: build_stage2(teacher, "all", args, world)),
+        ("stage2_all_compiled", lambda: build_stage2(teacher, "all", args, world, compiled=True)),
         ("stage2_mixers", lambda: build_stage2(teacher, "mixers", args, world)),
+        ("stage2_mixers_compiled", lambda: build_stage2(teacher, "mixers", args, world, compiled=True)),
         ("teacher", lambda: build_teacher_finetune(teacher, args, world)),
         ("teacher_autocast", lambda: build_teacher_autocast(teacher, args, world)),
     ]
     for key, build in plan:
         if "steps" in args.skip or (args.deepspeed and not key.startswith("stage2")):
             continue  # DeepSpeed: the stage-2 steps only
+        if (key.endswith("_compiled") and not args.compile) or (args.rows and key not in args.rows):
+            continue
         report["measurements"][key] = measure(key, build, args, world)
         save()
     del teacher, plan

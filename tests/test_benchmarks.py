@@ -38,6 +38,21 @@ def test_bench_stages_dry_run(tmp_path):
     assert (tmp_path / "bench_stages-tiny.md").is_file()
 
 
+@pytest.mark.slow  # compiles the tiny student's mixers on the CPU: ~40 s on 2 cores
+def test_bench_stages_compiled_rows_follow_their_eager_rows(tmp_path):
+    script = ROOT / "benchmarks" / "bench_stages.py"
+    subprocess.run([sys.executable, str(script), "--dry-run", "--compile", "--rows", "stage1", "stage1_compiled",
+                    "stage2_all", "stage2_all_compiled", "--skip", "wkv7", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, timeout=600)
+    measured = json.loads((tmp_path / "bench_stages-tiny.json").read_text())["measurements"]
+    assert list(measured) == ["stage1", "stage1_compiled", "stage2_all", "stage2_all_compiled"]
+    for eager in ("stage1", "stage2_all"):
+        compiled = measured[f"{eager}_compiled"]
+        assert len(compiled["warmup_s"]) == 1 and compiled["tokens_per_s"] > 0
+        # the same steps on the same data: compiling changes no loss beyond float32 rounding
+        assert compiled["losses"] == pytest.approx(measured[eager]["losses"], rel=1e-5)
+
+
 @pytest.mark.slow  # one Python process that imports torch and transformers and decodes: ~15 s on 2 cores
 def test_bench_decode_dry_run(tmp_path):
     script = ROOT / "benchmarks" / "bench_decode.py"

@@ -42,6 +42,7 @@ OVERRIDES = {
     "train.max_bad_steps": ("10", 10),
     "train.teacher_device": ("cpu", "cpu"),
     "train.loss_chunk": ("64", 64),
+    "train.compile": ("true", True),
     "checkpoint.save_every": ("25", 25),
     "checkpoint.keep_last": ("5", 5),
     "log.progress": ("false", False),
@@ -209,6 +210,12 @@ def test_mistyped_values_name_the_key(override, key, expected):
 def test_invalid_values_name_the_field(override, named):
     with pytest.raises(UserError, match=named):
         load_config(overrides=[override])
+
+
+def test_compile_is_refused_under_zero_3():
+    with pytest.raises(UserError, match="train.compile.*ZeRO-3"):
+        load_config(overrides=["train.compile=true", "engine.kind=deepspeed", "engine.zero_stage=3"])
+    assert load_config(overrides=["train.compile=true", "engine.kind=deepspeed"]).train.compile
 
 
 def test_a_setting_is_not_a_section():

@@ -184,6 +184,9 @@ class TrainConfig:
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
     teacher_device: str = "same"  # stage 2's frozen teacher: "same" device or "cpu" (offloaded)
     loss_chunk: int = 256  # tokens per chunk of the LM head in the stage 2/3 losses
+    # torch.compile the time mixers around their state update (RWKV7TimeMixer.compile_around_state_update):
+    # fewer, fused kernels; the first step pays the compilation
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_bad_steps", "loss_chunk"):
@@ -237,6 +240,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        if self.train.compile and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3:
+            raise ValueError("train.compile does not work with DeepSpeed ZeRO-3, which gathers each module's "
+                             "partitioned weights in hooks around its own forward call: set engine.zero_stage "
+                             "to 2 or train.compile=false")
 
     def stage(self, number: int) -> StageConfig:
         return getattr(self, f"stage{number}")

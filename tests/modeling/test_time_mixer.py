@@ -253,3 +253,27 @@ def test_fresh_decay_lies_in_the_rwkv7_range(monkeypatch):
     assert decay.shape == (2, 16, 4, 16)
     assert decay.min() > math.exp(-math.exp(-0.5)) > 0.545 and decay.max() < 1
     assert decay.max() - decay.min() > 0.3  # the initial decays are spread out, not one constant
+
+
+def test_compiled_mixer_matches_reference_forward_backward_and_carried_state():
+    """compile_around_state_update (torch.compile, inductor, one graph each for steps 1-7 and 9-11:
+    fullgraph fails on any break) computes what the step-by-step reference does, over two calls that
+    carry the state, and so do its gradients."""
+    mixer = make_mixer("bias_qknorm", producer=False)
+    mixer.compile_around_state_update(fullgraph=True)
+    x, v_first, shift, wkv = random_inputs(mixer.config, length=10)
+    x.requires_grad_()
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    tensors = [x, mixer.w1, mixer.v1, mixer.g2, mixer.x_a, mixer.k_norm.weight, mixer.ln_x.weight]
+
+    first, _, state = mixer(x[:, :6], v_first[:, :6], TimeMixerState(shift=shift, wkv=wkv))
+    second, _, state = mixer(x[:, 6:], v_first[:, 6:], state)
+    ref_out, _, ref_shift, ref_wkv = reference_time_mix(mixer, x, v_first, shift, wkv)
+    assert relative_error(torch.cat([first, second], 1), ref_out) <= 1e-10
+    assert torch.equal(state.shift, ref_shift) and relative_error(state.wkv, ref_wkv) <= 1e-10
+
+    loss = (torch.cat([first, second], 1) * weights).sum() + state.wkv.sum()
+    grads = torch.autograd.grad(loss, tensors)
+    ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_wkv.sum(), tensors)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert relative_error(grad, ref_grad) <= 1e-9

@@ -93,6 +93,8 @@ class Trainer:
         self.engine = engine
         self.folder = folder
         self.log = log
+        if self.train.compile:
+            model.compile_time_mixers()
 
     def _micro_batch(self) -> dict[str, Tensor]:
         """The next batch on the device. A padding mask that masks nothing (packed text) stays behind,
@@ -137,8 +139,10 @@ class Trainer:
         self.model.train()
         last_save = progress.step
         if self.engine.device.type == "cuda":
+            compiling = "; torch.compile adds a minute or so" if self.train.compile else ""
             self.log.waiting("the first step compiles the GPU kernels for these shapes (seconds where "
-                             "rwkvinside ships fla's kernel choices for this GPU, minutes of autotuning elsewhere)")
+                             "rwkvinside ships fla's kernel choices for this GPU, minutes of autotuning elsewhere"
+                             f"{compiling})")
         while budget_fraction(progress, self.stage_config) < 1.0:
             started = time.monotonic()
             record = self.step(progress)

@@ -122,6 +122,12 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         decoder = decoder_layers(self, self.family)
         return {i: attention_of(decoder[i], self.family) for i in self.rwkv_layers}
 
+    def compile_time_mixers(self, **options) -> None:
+        """torch.compile every converted layer's time mixer around its state update (`options` go to
+        torch.compile; RWKV7TimeMixer.compile_around_state_update says what is compiled and why)."""
+        for slot in self.converted_attention().values():
+            slot.mixer.compile_around_state_update(**options)
+
     def new_cache(self) -> RecurrentCache:
         """An empty generation cache: recurrent states for the converted layers, keys/values for the rest."""
         return RecurrentCache(self.config.text_config, self.rwkv_layers)

@@ -208,6 +208,30 @@ class RWKV7TimeMixer(nn.Module):
             if norm is not None:
                 nn.init.ones_(norm.weight)
 
+    def compile_around_state_update(self, **options) -> None:
+        """torch.compile steps 1-7 (`mix`) and 9-11 (`readout`), not the state update between them.
+
+        Around the state update a layer runs some fifty small elementwise kernels per call, forward
+        and backward; compiled, they fuse into a handful, which saves both their launches (the host
+        cannot keep the GPU busy otherwise) and their memory traffic. The state update stays fla's own
+        Triton kernels, called eagerly. `options` go to torch.compile. Mixers share their compiled
+        code: dynamo compiles each distinct shape once, not each layer.
+
+        The compiled `mix` returns copies of the per-head views, not the views: torch 2.13 replays the
+        views of a compiled function's outputs from metadata that is corrupt once a second mixer runs
+        the same compiled code (a wrong shape, or a crash). Inside the compiled code the copies fuse
+        into the kernels that compute the tensors, all but r's (a projection's output).
+        """
+        eager_mix = self.mix
+
+        def mix_without_output_views(*args, **kwargs) -> MixedInputs:
+            mixed = eager_mix(*args, **kwargs)
+            per_head = {name: getattr(mixed, name).clone() for name in ("r", "w", "k", "v", "a", "b")}
+            return MixedInputs(**per_head, gate=mixed.gate, v_first=mixed.v_first, last_input=mixed.last_input)
+
+        self.mix = torch.compile(mix_without_output_views, **options)
+        self.readout = torch.compile(self.readout, **options)
+
     def forward(
         self,
         x: Tensor,
