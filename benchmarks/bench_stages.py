@@ -80,7 +80,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from rwkvinside.config import STAGE_DEFAULTS, Config, EngineConfig, TrainConfig, resolve_device
 from rwkvinside.distill.engine import (ADAM_BETAS, ADAM_EPS, PlainEngine, launched_world, leave_process_group,
                                       make_engine)
-from rwkvinside.distill.loop import Progress, Trainer
+from rwkvinside.distill.loop import Progress, Trainer, garbage_collected_between_steps
 from rwkvinside.distill.metrics import RunLog
 from rwkvinside.distill.stages import STAGES, Stage
 from rwkvinside.modeling.alignment import attach_teacher_attention, learning_rate_scales, select_trainable
@@ -419,31 +419,32 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
     step = None
     try:
         step = build()
-        if world.cuda:
-            torch.cuda.reset_peak_memory_stats(world.device)
-        losses, warmup_s = [], []
-        for _ in range(args.warmup):  # the first step compiles (Triton, and torch.compile where asked)
-            synchronize(world.device)
-            started = time.perf_counter()
-            losses.append(step())
-            synchronize(world.device)
-            warmup_s.append(time.perf_counter() - started)
-        result["warmup_s"] = warmup_s
-        times = []
-        for _ in range(args.steps):
-            synchronize(world.device)
-            started = time.perf_counter()
-            losses.append(step())
-            synchronize(world.device)
-            times.append(time.perf_counter() - started)
-        loss, result["profile"] = profiled_step(step, world.device)
-        losses.append(loss)
-        median = statistics.median(times)
-        result.update(step_ms=[1e3 * t for t in times], median_ms=1e3 * median, tokens_per_s=tokens / median,
-                      tokens_per_s_per_gpu=tokens / median / world.size, losses=losses,
-                      peak_gb=torch.cuda.max_memory_allocated(world.device) / 2**30 if world.cuda else None)
-        logger.info("%s: %.1f ms/step, %.0f tokens/s; losses %s", MEASUREMENTS[key], result["median_ms"],
-                    result["tokens_per_s"], " ".join(f"{x:.5g}" for x in losses))
+        with garbage_collected_between_steps():  # as Trainer.run; Trainer.step collects now and then
+            if world.cuda:
+                torch.cuda.reset_peak_memory_stats(world.device)
+            losses, warmup_s = [], []
+            for _ in range(args.warmup):  # the first step compiles (Triton, and torch.compile where asked)
+                synchronize(world.device)
+                started = time.perf_counter()
+                losses.append(step())
+                synchronize(world.device)
+                warmup_s.append(time.perf_counter() - started)
+            result["warmup_s"] = warmup_s
+            times = []
+            for _ in range(args.steps):
+                synchronize(world.device)
+                started = time.perf_counter()
+                losses.append(step())
+                synchronize(world.device)
+                times.append(time.perf_counter() - started)
+            loss, result["profile"] = profiled_step(step, world.device)
+            losses.append(loss)
+            median = statistics.median(times)
+            result.update(step_ms=[1e3 * t for t in times], median_ms=1e3 * median, tokens_per_s=tokens / median,
+                          tokens_per_s_per_gpu=tokens / median / world.size, losses=losses,
+                          peak_gb=torch.cuda.max_memory_allocated(world.device) / 2**30 if world.cuda else None)
+            logger.info("%s: %.1f ms/step, %.0f tokens/s; losses %s", MEASUREMENTS[key], result["median_ms"],
+                        result["tokens_per_s"], " ".join(f"{x:.5g}" for x in losses))
     except torch.cuda.OutOfMemoryError:
         logger.warning("%s: out of memory", MEASUREMENTS[key])
         result["error"] = "out of memory"

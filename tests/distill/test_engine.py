@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rwkvinside.config import EngineConfig, TrainConfig
-from rwkvinside.distill.engine import PlainEngine, deepspeed_config, offloads_optimizer
+from rwkvinside.distill.engine import ADAM_BETAS, ADAM_EPS, PlainEngine, deepspeed_config, offloads_optimizer
 from rwkvinside.errors import UserError
 
 CPU = torch.device("cpu")
@@ -101,6 +101,29 @@ def test_updates_below_the_bf16_spacing_accumulate_in_the_master_weights():
     assert master.dtype == torch.float32
     torch.testing.assert_close(master, torch.full_like(master, 0.99), rtol=0, atol=1e-5)  # float32 rounding of 100 steps
     assert torch.equal(weight, master.to(torch.bfloat16)) and not torch.equal(weight, torch.ones_like(weight))
+
+
+def test_steps_follow_adamw_on_float32_copies_also_when_a_parameter_gets_no_gradient():
+    """Several steps with changing gradients, the second of which leaves one parameter without a
+    gradient: the master weights follow torch's AdamW stepped on float32 copies with float32
+    gradients, and the parameter without a gradient is skipped, as AdamW skips it."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [nn.Parameter(torch.randn(n, generator=generator).to(torch.bfloat16)) for n in (5, 7)]
+    references = [nn.Parameter(w.detach().float()) for w in weights]
+    engine = PlainEngine({"a": weights[0], "b": weights[1]}, TrainConfig(grad_clip=0.0), CPU)
+    reference = torch.optim.AdamW(references, lr=1e-2, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    engine.set_schedule(1e-2, 0.0)
+    for step in range(4):
+        trained = [0] if step == 1 else [0, 1]
+        gradients = {i: torch.randn(weights[i].shape, generator=generator) for i in trained}
+        engine.backward(sum((weights[i].float() * gradients[i]).sum() for i in trained))
+        engine.finish_step()
+        for i, reference_weight in enumerate(references):
+            reference_weight.grad = gradients[i].to(torch.bfloat16).float() if i in trained else None
+        reference.step()
+        for master, reference_weight in zip(engine.masters, references):
+            torch.testing.assert_close(master, reference_weight.detach(), rtol=1e-6, atol=1e-7)
+        assert all(w.grad is None for w in weights)
 
 
 def test_a_float32_parameter_is_its_own_master_weight():

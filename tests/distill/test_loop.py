@@ -2,6 +2,7 @@
 and the all-ones padding mask of packed text left on the host."""
 
 import copy
+import gc
 import math
 from types import SimpleNamespace
 
@@ -405,3 +406,19 @@ def test_train_compile_trains_as_eagerly(tmp_path):
     assert eager[0]["loss"] != pytest.approx(eager[-1]["loss"], rel=1e-6)  # the weights did move
     for name, weight in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-5, atol=5e-6, msg=name)
+
+
+def test_automatic_garbage_collection_is_off_during_a_stage_and_back_after(tmp_path, monkeypatch):
+    """Full collections in the middle of GPU steps cost the host more than the steps' kernels; the
+    loop collects the young generations itself between steps instead."""
+    seen, collected = [], []
+    monkeypatch.setattr(loop.gc, "collect", lambda generation=2: collected.append(generation))
+
+    def step(*args) -> StepLoss:
+        seen.append(gc.isenabled())
+        return regression_step(*args)
+
+    monkeypatch.setattr(loop, "COLLECT_GARBAGE_EVERY", 2)
+    _, records = run(regression_trainer(tmp_path, step))
+    assert len(records) == 6 and seen == [False] * 6 and gc.isenabled()
+    assert collected == [1, 1, 1]  # before steps 1, 3 and 5

@@ -409,3 +409,16 @@ def test_the_command_prints_one_line_and_exits_2(tmp_path, inputs, case):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("rwkvinside: error: "), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # compiles the tiny student's mixers on the CPU: ~40 s on 2 cores
+def test_train_compile_and_keep_attention_run_end_to_end(tmp_path, inputs):
+    """The real command with train.compile: stage 1 (compiled mixers), the keep-attention scoring and
+    the report's evaluations (other shapes, no gradients), stage 2 from the rebuilt student."""
+    output = tmp_path / "run"
+    assert cli.main(distill_args(inputs, output, "train.compile=true", "convert.keep_attention=1")) == 0
+    summary = json.loads((output / "stage1" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["kept_attention"]["layers"] == [1]  # the only candidate: layer 0 makes v_first
+    student, _, _ = load_student(output / "stage2" / "student")
+    assert student.rwkv_layers == (0,)
+    assert all(math.isfinite(r["loss"]) for r in read_log(output / "stage2" / "log.jsonl"))

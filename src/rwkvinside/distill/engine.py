@@ -102,6 +102,7 @@ class PlainEngine(Engine):
         self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         # The parameters that have a copy of their own, and those copies.
         self.copied = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        self.own_masters = [p for p, m in zip(self.params, self.masters) if m is p]
         scales = [1.0 if lr_scales is None else lr_scales[name] for name in trainable]
         self.optimizer = make_optimizer(self.masters, scales)
         self._losses_finite = torch.ones((), dtype=torch.bool, device=device)
@@ -115,9 +116,7 @@ class PlainEngine(Engine):
         """Clip and step; returns (gradient norm before clipping, whether the step was applied), both
         on the device. A step with a non-finite loss or gradient changes neither the weights nor the
         optimizer state: fused AdamW skips itself on `found_inf`, with no sync to the host."""
-        for param, master in self.copied:
-            master.grad = None if param.grad is None else param.grad.float()
-            param.grad = None
+        self._gradients_to_masters()
         stepped = [m for m in self.masters if m.grad is not None]
         norm = (torch.nn.utils.get_total_norm([m.grad for m in stepped]) if stepped
                 else torch.zeros((), device=self.device))
@@ -129,9 +128,28 @@ class PlainEngine(Engine):
         if self.copied:
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self.copied], [m for _, m in self.copied])
-        self.optimizer.zero_grad(set_to_none=True)
+        for param in self.own_masters:  # a copy's gradient stays, to be overwritten next step
+            param.grad = None
         self._losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
         return norm, applied
+
+    def _gradients_to_masters(self) -> None:
+        """Each copied parameter's gradient into its master's float32 gradient, which is kept from step
+        to step: one multi-tensor copy, not one conversion (and allocation) per parameter, which on a
+        GPU costs the host more time than the kernels take. A parameter without a gradient this step
+        leaves its master without one too (the optimizer then skips it)."""
+        kept, sources = [], []
+        for param, master in self.copied:
+            if param.grad is None:
+                master.grad = None
+            elif master.grad is None:
+                master.grad = param.grad.float()
+            else:
+                kept.append(master.grad)
+                sources.append(param.grad)
+            param.grad = None
+        if kept:
+            torch._foreach_copy_(kept, sources)
 
     def save(self, folder: Path) -> None:
         """The master weights (float32: what resuming needs to continue exactly) and the optimizer."""
