@@ -212,6 +212,17 @@ def test_invalid_values_name_the_field(override, named):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    ([], True),  # every layer converted
+    (["convert.keep_attention=8"], False),  # attention layers stay: they need their sink from any first token
+    (["convert.layers=[0, 1, 2]"], False),
+    (["convert.keep_attention=8", "data.eos_first=true"], True),  # what the user says wins
+    (["data.eos_first=false"], False),
+])
+def test_eos_first_by_default_only_for_an_all_rwkv_student(overrides, expected):
+    assert load_config(overrides=overrides).data.eos_first is expected
+
+
 def test_compile_is_refused_under_zero_3():
     with pytest.raises(UserError, match="train.compile.*ZeRO-3"):
         load_config(overrides=["train.compile=true", "engine.kind=deepspeed", "engine.zero_stage=3"])

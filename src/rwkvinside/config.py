@@ -84,14 +84,24 @@ class DataConfig:
     chat: list[str] = field(default_factory=list)  # chat data for stage 3 (JSONL/Parquet `messages`)
     eval: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 512  # tokens per training sequence
-    # every packed training sequence starts with the EOS, as a document does: a window that starts
-    # mid-text puts an arbitrary token at position 0, the teacher's attention sink, and stage 2's
-    # gradient spiked there (off: every window is a plain slice of the stream; BENCHMARKS.md)
-    eos_first: bool = True
+    # every packed training sequence starts with the EOS, as a document does (off: every window is a
+    # plain slice of the stream). A window that starts mid-text puts an arbitrary token at position 0,
+    # the teacher's attention sink, and an all-RWKV student's stage-2 gradient spiked there. But a
+    # student that keeps attention layers and only ever saw the EOS first does not build their sink
+    # from an ordinary first token, as prompts and mid-text windows have (2.5x the teacher's perplexity
+    # instead of 1.2x). null (the default): on for an all-RWKV student, off where attention stays
+    # (convert.layers or convert.keep_attention). BENCHMARKS.md has both measurements.
+    eos_first: bool | None = None
     eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
     shuffle_buffer: int = 10000  # sequences held for shuffling in streaming mode
     seed: int = 0
+
+    @property
+    def starts_with_eos(self) -> bool:
+        """Whether training windows start with the EOS. `Config` resolves eos_first=None from the
+        conversion; a DataConfig used on its own (no conversion to go by) takes the all-RWKV default."""
+        return self.eos_first is not False
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -242,6 +252,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
+        if self.data.eos_first is None:
+            self.data.eos_first = self.convert.layers is None and self.convert.keep_attention == 0
         if self.train.compile and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3:
             raise ValueError("train.compile does not work with DeepSpeed ZeRO-3, which gathers each module's "
                              "partitioned weights in hooks around its own forward call: set engine.zero_stage "

@@ -75,6 +75,15 @@ def test_generate_text_continues_the_prompt_greedily(student_dir):
     assert text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_cli_generate_with_compiled_mixers_says_what_it_says_without(student_dir, capsys):
+    args = ["generate", "--model", str(student_dir), "--prompt", "Once upon a time", "--max-new-tokens", "6",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+
+
 def greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy decoding by full forward passes, no cache (the model emits no stop token here)."""
     with torch.no_grad():

@@ -62,7 +62,7 @@ def _packed_source(config: DataConfig, groups: list[tuple[float, list[str]]],
                    tokenizer: PreTrainedTokenizerBase) -> MapSource | WeightedSource:
     parts = []
     for weight, paths in groups:
-        dataset = PackedDataset.from_texts(iter_documents(paths), tokenizer, config.seq_len, config.eos_first)
+        dataset = PackedDataset.from_texts(iter_documents(paths), tokenizer, config.seq_len, config.starts_with_eos)
         which = f" (weight {weight:g}: {', '.join(paths)})" if len(groups) > 1 else ""
         _log_size(dataset, config.seq_len, which)
         parts.append((dataset, weight))
@@ -85,6 +85,6 @@ def _stream_source(config: DataConfig, paths: Sequence[str], tokenizer: PreTrain
         return StreamSource(lambda: render_conversations(iter_conversations(paths), tokenizer, seq_len),
                             lambda conversation: conversation_sample(conversation, seq_len, pad),
                             config.seed, config.shuffle_buffer)
-    lead = eos_id(tokenizer) if config.eos_first else None
+    lead = eos_id(tokenizer) if config.starts_with_eos else None
     return StreamSource(lambda: pack_windows(tokenize_stream(iter_documents(paths), tokenizer), seq_len, lead),
                         lambda window: packed_sample(window, seq_len), config.seed, config.shuffle_buffer)
