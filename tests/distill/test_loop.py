@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from rwkvinside.config import Config, StageConfig, TrainConfig
 from rwkvinside.distill import loop
@@ -391,6 +392,8 @@ def test_train_compile_trains_as_eagerly(tmp_path):
     fails here.)"""
     stage = StageConfig(lr=1e-3, lr_final=1e-4, warmup_steps=1, max_steps=3)
     results = {}
+    torch._dynamo.reset()  # no compiled code or recompilation count left from other tests
+    counters.clear()
     for compiled in (False, True):
         model = student(align=False)
         trainer = make_trainer(tmp_path / str(compiled), model, token_batches(2), STAGES[2].step, stage,
@@ -399,6 +402,7 @@ def test_train_compile_trains_as_eagerly(tmp_path):
         assert ("mix" in vars(mixer)) == compiled  # the compiled wrapper shadows the method
         _, records = run(trainer)
         results[compiled] = (records, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+    assert counters["stats"]["unique_graphs"] >= 3  # mix (first layer, later layer) and readout: compiled
     (eager, eager_weights), (compiled, compiled_weights) = results[False], results[True]
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

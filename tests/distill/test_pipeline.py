@@ -416,6 +416,7 @@ def test_train_compile_and_keep_attention_run_end_to_end(tmp_path, inputs):
     """The real command with train.compile: stage 1 (compiled mixers), the keep-attention scoring and
     the report's evaluations (other shapes, no gradients), stage 2 from the rebuilt student."""
     output = tmp_path / "run"
+    torch._dynamo.reset()  # no compiled code or recompilation count left from other tests
     assert cli.main(distill_args(inputs, output, "train.compile=true", "convert.keep_attention=1")) == 0
     summary = json.loads((output / "stage1" / "summary.json").read_text(encoding="utf-8"))
     assert summary["kept_attention"]["layers"] == [1]  # the only candidate: layer 0 makes v_first

@@ -80,6 +80,7 @@ def test_cli_generate_with_compiled_mixers_says_what_it_says_without(student_dir
             "--temperature", "0", "--device", "cpu"]
     assert main(args) == 0
     eager = capsys.readouterr().out
+    torch._dynamo.reset()  # no compiled code or recompilation count left from other tests
     assert main([*args, "--compile"]) == 0
     assert capsys.readouterr().out == eager
 

@@ -259,6 +259,7 @@ def test_compiled_mixer_matches_reference_forward_backward_and_carried_state():
     """compile_around_state_update (torch.compile, inductor, one graph each for steps 1-7 and 9-11:
     fullgraph fails on any break) computes what the step-by-step reference does, over two calls that
     carry the state, and so do its gradients."""
+    torch._dynamo.reset()  # no compiled code or recompilation count left from other tests
     mixer = make_mixer("bias_qknorm", producer=False)
     mixer.compile_around_state_update(fullgraph=True)
     x, v_first, shift, wkv = random_inputs(mixer.config, length=10)

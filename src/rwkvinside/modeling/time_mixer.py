@@ -220,8 +220,11 @@ class RWKV7TimeMixer(nn.Module):
         The compiled `mix` returns copies of the per-head views, not the views: torch 2.13 replays the
         views of a compiled function's outputs from metadata that is corrupt once a second mixer runs
         the same compiled code (a wrong shape, or a crash). Inside the compiled code the copies fuse
-        into the kernels that compute the tensors, all but r's (a projection's output).
+        into the kernels that compute the tensors, all but r's (a projection's output). A second call
+        changes nothing.
         """
+        if "mix" in vars(self):  # compiled already: the compiled functions shadow the methods
+            return
         eager_mix = self.mix
 
         def mix_without_output_views(*args, **kwargs) -> MixedInputs:
