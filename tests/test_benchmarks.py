@@ -53,6 +53,15 @@ def test_bench_stages_compiled_rows_follow_their_eager_rows(tmp_path):
         assert compiled["losses"] == pytest.approx(measured[eager]["losses"], rel=1e-5)
 
 
+@pytest.mark.slow  # one Python process that imports torch and transformers: ~15 s on 2 cores
+def test_probe_host_dry_run():
+    script = ROOT / "benchmarks" / "probe_host.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run", "--stage", "1"], check=True, cwd=ROOT,
+                          timeout=300, capture_output=True, text=True)
+    assert "garbage collector on:" in done.stdout and "garbage collector off:" in done.stdout
+    assert "optimizer" in done.stdout  # the host profile names the step's labelled parts
+
+
 @pytest.mark.slow  # one Python process that imports torch and transformers and decodes: ~15 s on 2 cores
 def test_bench_decode_dry_run(tmp_path):
     script = ROOT / "benchmarks" / "bench_decode.py"
