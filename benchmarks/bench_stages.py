@@ -440,11 +440,12 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
             loss, result["profile"] = profiled_step(step, world.device)
             losses.append(loss)
             median = statistics.median(times)
-            result.update(step_ms=[1e3 * t for t in times], median_ms=1e3 * median, tokens_per_s=tokens / median,
-                          tokens_per_s_per_gpu=tokens / median / world.size, losses=losses,
-                          peak_gb=torch.cuda.max_memory_allocated(world.device) / 2**30 if world.cuda else None)
-            logger.info("%s: %.1f ms/step, %.0f tokens/s; losses %s", MEASUREMENTS[key], result["median_ms"],
-                        result["tokens_per_s"], " ".join(f"{x:.5g}" for x in losses))
+            peak = torch.cuda.max_memory_allocated(world.device) / 2**30 if world.cuda else None
+            result.update(step_ms=[1e3 * t for t in times], median_ms=1e3 * median,
+                          tokens_per_s=tokens / median, tokens_per_s_per_gpu=tokens / median / world.size,
+                          losses=losses, peak_gb=peak)
+            logger.info("%s: %.1f ms/step, %.0f tokens/s; losses %s", MEASUREMENTS[key],
+                        result["median_ms"], result["tokens_per_s"], " ".join(f"{x:.5g}" for x in losses))
     except torch.cuda.OutOfMemoryError:
         logger.warning("%s: out of memory", MEASUREMENTS[key])
         result["error"] = "out of memory"

@@ -74,7 +74,8 @@ def synchronising_calls(step) -> dict[str, int]:
 def main() -> None:
     args = parse_args()
     # bench_stages' own settings: 8 x 2048 tokens a step (--dry-run: its tiny shapes)
-    bench_args = bench_stages.parse_args(["--teacher", args.teacher] + (["--dry-run"] if args.dry_run else []))
+    dry_run = ["--dry-run"] if args.dry_run else []
+    bench_args = bench_stages.parse_args(["--teacher", args.teacher, *dry_run])
     world = bench_stages.make_world(bench_args)
     model = "tiny" if args.dry_run else "smollm2"
     teacher, _ = bench_stages.build_teacher(model, bench_args, world)

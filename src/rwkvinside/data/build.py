@@ -62,7 +62,8 @@ def _packed_source(config: DataConfig, groups: list[tuple[float, list[str]]],
                    tokenizer: PreTrainedTokenizerBase) -> MapSource | WeightedSource:
     parts = []
     for weight, paths in groups:
-        dataset = PackedDataset.from_texts(iter_documents(paths), tokenizer, config.seq_len, config.starts_with_eos)
+        dataset = PackedDataset.from_texts(iter_documents(paths), tokenizer, config.seq_len,
+                                           config.starts_with_eos)
         which = f" (weight {weight:g}: {', '.join(paths)})" if len(groups) > 1 else ""
         _log_size(dataset, config.seq_len, which)
         parts.append((dataset, weight))
