@@ -17,7 +17,9 @@ sequence starts as a document does, and the T stream tokens after the EOS are it
 overlap; every token is a target exactly once). Position 0 is special to a transformer teacher (its
 attention sink, a residual activation hundreds of times the others'); a window that starts mid-text
 puts an arbitrary token there, and in stage 2 that position's gradients spiked by up to 50,000x
-the median token's (BENCHMARKS.md).
+the median token's (BENCHMARKS.md). The configuration turns the lead on only for an all-RWKV
+student: one that keeps attention layers must learn to build their sink from any first token, as
+prompts have, and EOS-first windows never show it one (`config.DataConfig.eos_first`).
 """
 
 from __future__ import annotations
