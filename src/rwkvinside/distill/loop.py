@@ -165,7 +165,7 @@ class Trainer:
         self.model.train()
         last_save = progress.step
         if self.engine.device.type == "cuda":
-            compiling = "; torch.compile adds a minute or so" if self.train.compile else ""
+            compiling = "; torch.compile compiles the time mixers too" if self.train.compile else ""
             self.log.waiting("the first step compiles the GPU kernels for these shapes (seconds where "
                              "rwkvinside ships fla's kernel choices for this GPU, minutes of autotuning elsewhere"
                              f"{compiling})")
