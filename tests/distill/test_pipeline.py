@@ -423,3 +423,14 @@ def test_train_compile_and_keep_attention_run_end_to_end(tmp_path, inputs):
     student, _, _ = load_student(output / "stage2" / "student")
     assert student.rwkv_layers == (0,)
     assert all(math.isfinite(r["loss"]) for r in read_log(output / "stage2" / "log.jsonl"))
+
+
+def test_score_eos_first_benchmark_scores_both_ways(run12, inputs):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "score_eos_first.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(run12), "--teacher", str(inputs["teacher"]),
+                           "--data", str(inputs["heldout"]), "--seq-len", "16", "--batches", "1"],
+                          check=True, capture_output=True, text=True, timeout=300)
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["mid-text", "EOS first"]
+    ratios = [float(line.rsplit("ratio ", 1)[1]) for line in lines]
+    assert all(math.isfinite(r) and r > 0 for r in ratios) and ratios[0] != ratios[1]
