@@ -409,6 +409,18 @@ def build_teacher_autocast(teacher: nn.Module, args: argparse.Namespace, world: 
 # ---- measuring -----------------------------------------------------------------------------------
 
 
+def timed_steps(step: Step, count: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Run `count` steps, synchronised around each: (their losses, their seconds)."""
+    losses, seconds = [], []
+    for _ in range(count):
+        synchronize(device)
+        started = time.perf_counter()
+        losses.append(step())
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return losses, seconds
+
+
 def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world: World) -> dict[str, Any]:
     """Build a step, run --warmup + --steps steps (synchronised around each timed one) and one step
     under the profiler; the step's objects are freed before returning."""
@@ -422,21 +434,10 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
         with garbage_collected_between_steps():  # as Trainer.run; Trainer.step collects now and then
             if world.cuda:
                 torch.cuda.reset_peak_memory_stats(world.device)
-            losses, warmup_s = [], []
-            for _ in range(args.warmup):  # the first step compiles (Triton, and torch.compile where asked)
-                synchronize(world.device)
-                started = time.perf_counter()
-                losses.append(step())
-                synchronize(world.device)
-                warmup_s.append(time.perf_counter() - started)
-            result["warmup_s"] = warmup_s
-            times = []
-            for _ in range(args.steps):
-                synchronize(world.device)
-                started = time.perf_counter()
-                losses.append(step())
-                synchronize(world.device)
-                times.append(time.perf_counter() - started)
+            # the first warm-up step compiles (Triton, and torch.compile where asked)
+            losses, result["warmup_s"] = timed_steps(step, args.warmup, world.device)
+            timed_losses, times = timed_steps(step, args.steps, world.device)
+            losses += timed_losses
             loss, result["profile"] = profiled_step(step, world.device)
             losses.append(loss)
             median = statistics.median(times)

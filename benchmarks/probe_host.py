@@ -15,7 +15,6 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -38,14 +37,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def median_ms(step, steps: int, device: torch.device) -> float:
-    times = []
-    for _ in range(steps):
-        bench_stages.synchronize(device)
-        started = time.perf_counter()
-        step()
-        bench_stages.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
+    _, seconds = bench_stages.timed_steps(step, steps, device)
+    return 1e3 * statistics.median(seconds)
 
 
 def synchronising_calls(step) -> dict[str, int]:

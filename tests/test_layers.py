@@ -1,8 +1,8 @@
 """Imports flow one way: ops <- data <- scoring <- modeling <- generation <- evaluation <- distill, export <- cli.
 
 Every module of the package is read (not imported) and each of its imports of the package, at module
-level or inside a function, must name a layer below its own or its own package. `errors` and `config`
-may be imported from anywhere; distill and export share a layer and import neither the other.
+level or inside a function, must name a layer below its own or its own package. `errors`, `config`
+and `files` may be imported from anywhere; distill and export share a layer and import neither the other.
 """
 
 import ast
@@ -14,7 +14,7 @@ import rwkvinside
 
 PACKAGE_ROOT = Path(rwkvinside.__file__).parent
 LAYERS = {
-    "errors": 0, "config": 0,
+    "errors": 0, "config": 0, "files": 0,
     "ops": 1,
     "data": 2,
     "scoring": 3,
@@ -24,7 +24,7 @@ LAYERS = {
     "distill": 7, "export": 7,
     "cli": 8,
 }
-SHARED = {"errors", "config"}
+SHARED = {"errors", "config", "files"}
 
 
 def part_of(module: str) -> str | None:

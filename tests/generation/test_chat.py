@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from export.students import make_run, tiny_student
 
 from rwkvinside.cli import main
@@ -81,7 +82,9 @@ def test_cli_generate_with_compiled_mixers_says_what_it_says_without(student_dir
     assert main(args) == 0
     eager = capsys.readouterr().out
     torch._dynamo.reset()  # no compiled code or recompilation count left from other tests
+    counters.clear()
     assert main([*args, "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the mixers did run compiled
     assert capsys.readouterr().out == eager
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rwkvinside.errors import UserError
+from rwkvinside.files import write_atomically
 
 if TYPE_CHECKING:  # transformers is slow to import and only named in annotations
     from transformers import PreTrainedTokenizerBase
@@ -60,14 +60,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise UserError(f"{folder / MANIFEST} has format {manifest.get('format')!r}; this version reads "
                         f"format {FORMAT}")
     return manifest
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Call `write(temporary_path)`, then rename the result onto `path`: a reader sees the old file or
-    the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

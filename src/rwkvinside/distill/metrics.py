@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rwkvinside.files import write_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -94,9 +96,7 @@ def truncate_log(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -106,23 +106,24 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 SPIKE_WINDOW = 50  # steps of running median a gradient norm is compared with
 SPIKE_FACTOR = 10.0  # a spike: a norm above this many times that median
+SPIKE_HISTORY = 10  # steps a norm needs before it to be judged
 
 
 def gradient_spikes(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The steps whose gradient norm (before clipping) exceeds SPIKE_FACTOR times the median of the
-    SPIKE_WINDOW steps before it: a sign of instability that clipping hides. Steps with fewer than 10
-    before them are not judged; a non-finite norm (a skipped step) is not counted here."""
+    SPIKE_WINDOW steps before it: a sign of instability that clipping hides. Steps with fewer than
+    SPIKE_HISTORY before them are not judged; a non-finite norm (a skipped step) is not counted here."""
     norms = [(r["step"], r["grad_norm"]) for r in records
              if isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
     spikes = []
     for i, (step, norm) in enumerate(norms):
         window = sorted(n for _, n in norms[max(0, i - SPIKE_WINDOW):i])
-        if len(window) >= 10:
+        if len(window) >= SPIKE_HISTORY:
             median = window[len(window) // 2]
             if norm > SPIKE_FACTOR * median:
                 spikes.append({"step": step, "grad_norm": norm, "median": median})
     worst = max(spikes, key=lambda spike: spike["grad_norm"] / spike["median"], default=None)
-    return {"steps_judged": max(0, len(norms) - 10), "count": len(spikes), "worst": worst}
+    return {"steps_judged": max(0, len(norms) - SPIKE_HISTORY), "count": len(spikes), "worst": worst}
 
 
 def plot_alignment(records: list[dict[str, Any]], path: Path) -> None:

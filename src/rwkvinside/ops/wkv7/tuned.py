@@ -27,6 +27,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from rwkvinside.files import write_atomically
+
 TUNED_DIR = Path(__file__).parent / "tuned"
 RECORD_FORMAT = 1
 
@@ -151,7 +153,6 @@ def write_record(path: Path) -> dict[str, Any]:
     old = json.loads(path.read_text()) if path.is_file() else {}
     merged = merge_records(old, new)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(merged, indent=1, sort_keys=True) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return merged
