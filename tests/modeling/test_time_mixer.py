@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from rwkvinside.modeling import time_mixer as time_mixer_module
-from rwkvinside.modeling.time_mixer import RWKV7TimeMixer, TimeMixerConfig, TimeMixerState
+from rwkvinside.modeling.time_mixer import (MAX_LOG_DECAY, RWKV7TimeMixer, TimeMixerConfig, TimeMixerState,
+                                           stack_parameters)
+from rwkvinside.ops import wkv7
 
 from .helpers import perturb_
 
@@ -276,5 +278,45 @@ def test_compiled_mixer_matches_reference_forward_backward_and_carried_state():
     loss = (torch.cat([first, second], 1) * weights).sum() + state.wkv.sum()
     grads = torch.autograd.grad(loss, tensors)
     ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_wkv.sum(), tensors)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert relative_error(grad, ref_grad) <= 1e-9
+
+
+def stacked_time_mix(mixers: list[RWKV7TimeMixer], x: torch.Tensor, v_first: torch.Tensor | None) -> torch.Tensor:
+    """All mixers as stage 1 runs them: steps 1-7 stacked, one state update over all their sequences,
+    steps 9-11 stacked. x: [L, B, T, C] -> [L, B, T, C]."""
+    template, parameters = mixers[0], stack_parameters(mixers)
+    mixed = template.mix_stacked(parameters, x, v_first)
+    y, _ = wkv7(*(t.flatten(0, 1) for t in mixed.wkv_inputs), scale=1.0, decay_floor=-MAX_LOG_DECAY)
+    return template.readout_stacked(parameters, y.unflatten(0, (len(mixers), -1)), mixed)
+
+
+@pytest.mark.parametrize(("config_name", "producer", "compiled"), [
+    *((name, producer, False) for name in sorted(CONFIGS) for producer in (True, False)),
+    ("bias_qknorm", False, True),  # compiled as stage 1 runs it (later layers); compiling costs ~15 s
+])
+def test_stacked_mixers_match_the_reference_forward_and_backward(config_name, producer, compiled):
+    """mix_stacked/readout_stacked: several differently initialised mixers of one shape in one call
+    compute what each does alone by the step-by-step reference, and the gradients reach each mixer's
+    own parameters, the inputs and the shared v_first as the reference's do."""
+    torch._dynamo.reset()
+    mixers = [make_mixer(config_name, producer, seed=seed) for seed in range(3)]
+    if compiled:
+        for mixer in mixers:
+            mixer.compile_around_state_update(fullgraph=True)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 9, mixers[0].config.hidden_size, generator=generator, dtype=torch.float64,
+                    requires_grad=True)
+    v_first = None if producer else torch.randn(2, 9, mixers[0].config.attention_size, generator=generator,
+                                                dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    inputs = [x] + ([] if producer else [v_first])
+    parameters = [p for mixer in mixers for p in mixer.parameters()]
+
+    out = stacked_time_mix(mixers, x, v_first)
+    reference = torch.stack([reference_time_mix(mixer, x[i], v_first)[0] for i, mixer in enumerate(mixers)])
+    assert relative_error(out, reference) <= 1e-10
+    grads = torch.autograd.grad((out * weights).sum(), inputs + parameters)
+    ref_grads = torch.autograd.grad((reference * weights).sum(), inputs + parameters)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert relative_error(grad, ref_grad) <= 1e-9

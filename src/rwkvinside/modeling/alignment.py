@@ -9,13 +9,14 @@ mode. `detach_teacher_attention` puts the plain `RWKVAttention` back for stages 
 
 Because the teacher's outputs flow on, every layer's input is known once the teacher's forward pass
 is done. `alignment_losses` uses that: the pass only records each converted layer's input and
-teacher output, then every mixer prepares its state-update inputs (`RWKV7TimeMixer.mix`, in layer
-order, so later layers read the first one's v_first), all layers' heads go through ONE state update
-(heads are independent, so stacking them changes nothing but the size of the kernel launch), and
-each mixer reads its heads back out. The per-layer way (each mixer inside its slot, during the pass)
-is the reference it is tested against, and what runs on the CPU (where it is faster) and where
-DeepSpeed ZeRO-3 partitions the mixers' weights (it gathers a module's weights only around that
-module's own forward call).
+teacher output; then the first converted layer's mixer prepares its state-update inputs
+(`RWKV7TimeMixer.mix`) and v_first, all later layers' mixers (the same shape) prepare theirs in ONE
+stacked call (`mix_stacked`: their parameters stacked, each step one batched kernel), all layers'
+sequences go through one state update (they are independent, so stacking them along the batch changes
+nothing but the size of the kernel launch), and the outputs are read back and scored the same way.
+The per-layer way (each mixer inside its slot, during the pass) is the reference it is tested
+against, and what runs on the CPU (where it is faster) and where DeepSpeed ZeRO-3 partitions the
+mixers' weights (it gathers a module's weights only around that module's own forward call).
 
 Also here: which parameters a stage trains (`select_trainable`).
 """
@@ -34,7 +35,7 @@ from rwkvinside.errors import UserError
 from rwkvinside.modeling.attention import ForwardContext, RWKVAttention
 from rwkvinside.modeling.student import RWKVInsideForCausalLM
 from rwkvinside.modeling.teachers import attention_of, decoder_layers, set_attention
-from rwkvinside.modeling.time_mixer import MAX_LOG_DECAY, RWKV7TimeMixer
+from rwkvinside.modeling.time_mixer import MAX_LOG_DECAY, RWKV7TimeMixer, stack_parameters
 from rwkvinside.ops import wkv7
 from rwkvinside.scoring import final_hidden_states, score
 
@@ -44,7 +45,8 @@ RELATIVE_FLOOR = 1e-8
 
 
 def alignment_loss(student: Tensor, teacher: Tensor, token_mask: Tensor | None, relative: bool = False) -> Tensor:
-    """The mean over real tokens of the squared error between the two attention outputs. [B, T, C] -> []
+    """The mean over real tokens of the squared error between the two attention outputs:
+    [B, T, C] -> [], or for several layers at once [L, B, T, C] -> [L].
 
     relative: each token's squared error over the squared norm of the teacher's output there (a
     constant for the gradient), so that layers and tokens with large outputs do not outweigh the
@@ -54,9 +56,9 @@ def alignment_loss(student: Tensor, teacher: Tensor, token_mask: Tensor | None, 
     if relative:
         squared = squared / teacher.detach().float().pow(2).mean(dim=-1).clamp(min=RELATIVE_FLOOR)
     if token_mask is None:
-        return squared.mean()
+        return squared.mean(dim=(-2, -1))
     mask = token_mask.to(squared.dtype)
-    return (squared * mask).sum() / mask.sum().clamp(min=1)
+    return (squared * mask).sum(dim=(-2, -1)) / mask.sum().clamp(min=1)
 
 
 class AligningAttention(RWKVAttention):
@@ -132,10 +134,11 @@ def alignment_losses(student: RWKVInsideForCausalLM, input_ids: Tensor, attentio
                      batched: bool | None = None, relative: bool = False) -> dict[int, Tensor]:
     """Stage 1: run the decoder body (no LM head, no logits); one `alignment_loss` per converted layer.
 
-    batched: all layers' state updates in one call (the module docstring); None: on a GPU, where the
+    batched: all layers' mixers in a few stacked calls (the module docstring); None: on a GPU, where the
     mixers' weights are whole (not partitioned by DeepSpeed ZeRO-3). On a GPU one call over every
-    layer's heads fills the chip (an H200: 1.25 ms a layer against 2.65, BENCHMARKS.md); on the CPU the
-    chunked form over so many heads at once is memory-bound and the per-layer way is twice as fast.
+    layer fills the chip (an H200's state update: 1.25 ms a layer against 2.65, BENCHMARKS.md) and
+    spares the host thousands of launches; on the CPU the chunked form over so many sequences at once
+    is memory-bound and the per-layer way is twice as fast.
     """
     if not is_aligning(student):
         raise RuntimeError("no teacher attention is attached; alignment needs attach_teacher_attention first")
@@ -153,15 +156,26 @@ def alignment_losses(student: RWKVInsideForCausalLM, input_ids: Tensor, attentio
         with torch.no_grad(), record_function("teacher forward"):
             student.hidden_states(input_ids, attention_mask)
         token_mask = student.context.token_mask
-        v_first, mixed = None, {}
-        for i, slot in slots.items():  # in layer order: the first converted layer makes v_first
-            mixed[i] = slot.mixer.mix(slot.recorded[0], None if slot.produces_v_first else v_first, None, token_mask)
-            v_first = mixed[i].v_first
-        heads = [m.r.shape[2] for m in mixed.values()]
-        stacked = [torch.cat(tensors, dim=2) for tensors in zip(*(m.wkv_inputs for m in mixed.values()))]
-        y, _ = wkv7(*stacked, scale=1.0, decay_floor=-MAX_LOG_DECAY)  # [B, T, sum of heads, N]
-        return {i: alignment_loss(slot.mixer.readout(y_layer, mixed[i]), slot.recorded[1], token_mask, relative)
-                for (i, slot), y_layer in zip(slots.items(), y.split(heads, dim=2))}
+        (first, first_slot), *rest = slots.items()
+        first_mixed = first_slot.mixer.mix(first_slot.recorded[0], None, None, token_mask)
+        wkv_inputs = first_mixed.wkv_inputs
+        if rest:  # every later layer's mixer has the same shape: one stacked call for all of them
+            template = rest[0][1].mixer
+            parameters = stack_parameters([slot.mixer for _, slot in rest])
+            rest_mixed = template.mix_stacked(parameters, torch.stack([slot.recorded[0] for _, slot in rest]),
+                                              first_mixed.v_first, token_mask)  # [L, B, T, ...]
+            # the first layer's sequences in front of the others', all along the batch
+            wkv_inputs = [torch.cat([one[None], many]).flatten(0, 1)
+                          for one, many in zip(wkv_inputs, rest_mixed.wkv_inputs)]
+        y, _ = wkv7(*wkv_inputs, scale=1.0, decay_floor=-MAX_LOG_DECAY)
+        y = y.unflatten(0, (len(slots), -1))  # [1 + L, B, T, H, N]
+        losses = {first: alignment_loss(first_slot.mixer.readout(y[0], first_mixed), first_slot.recorded[1],
+                                        token_mask, relative)}
+        if rest:
+            outputs = template.readout_stacked(parameters, y[1:], rest_mixed)
+            teacher_outputs = torch.stack([slot.recorded[1] for _, slot in rest])
+            losses |= zip((i for i, _ in rest), alignment_loss(outputs, teacher_outputs, token_mask, relative))
+        return losses
 
 
 def select_trainable(student: RWKVInsideForCausalLM, which: str) -> dict[str, nn.Parameter]:

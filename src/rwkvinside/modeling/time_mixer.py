@@ -8,7 +8,8 @@ Each step below is numbered as in that document.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,17 @@ class MixedInputs:
     @property
     def wkv_inputs(self) -> tuple[Tensor, ...]:
         return self.r, self.w, self.k, self.v, self.a, self.b
+
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        """The fields in order (`MixedInputs(*t)` rebuilds it): what torch.func.vmap passes through."""
+        return tuple(getattr(self, field.name) for field in fields(self))
+
+
+def stack_parameters(mixers: Sequence[RWKV7TimeMixer]) -> dict[str, Tensor]:
+    """Each parameter of same-shaped mixers stacked along a new leading dimension, by name, for
+    `RWKV7TimeMixer.mix_stacked`. Differentiable: gradients flow back to every mixer's own."""
+    named = [dict(mixer.named_parameters()) for mixer in mixers]
+    return {name: torch.stack([parameters[name] for parameters in named]) for name in named[0]}
 
 
 class HeadRMSNorm(nn.Module):
@@ -234,6 +246,8 @@ class RWKV7TimeMixer(nn.Module):
 
         self.mix = torch.compile(mix_without_output_views, **options)
         self.readout = torch.compile(self.readout, **options)
+        self._mix_each = torch.compile(RWKV7TimeMixer._mix_each, **options)
+        self._readout_each = torch.compile(RWKV7TimeMixer._readout_each, **options)
 
     def forward(
         self,
@@ -308,6 +322,36 @@ class RWKV7TimeMixer(nn.Module):
         return MixedInputs(r=r, w=log_decay, k=k, v=v, a=-removal_key, b=removal_key * iclr, gate=gate,
                            v_first=v_first, last_input=x[:, -1])
 
+    def mix_stacked(self, parameters: dict[str, Tensor], x: Tensor, v_first: Tensor | None,
+                    token_mask: Tensor | None = None) -> MixedInputs:
+        """`mix` for L mixers shaped like this one, as one call: `parameters` from `stack_parameters`,
+        x [L, B, T, C] (each mixer's own input), v_first [B, T, C_att] shared by all (or None where
+        they produce their own). Every tensor of the result gains the leading L.
+
+        Stage 1 runs all layers' mixers this way (modeling/alignment.py): each step is one batched
+        kernel over every layer instead of one per layer. torch.func.vmap makes `mix` itself the
+        definition, run with each mixer's parameters in turn, in a batched form.
+        """
+        return MixedInputs(*self._mix_each(_MethodAsForward(self, "mix"), parameters, x, v_first, token_mask))
+
+    def readout_stacked(self, parameters: dict[str, Tensor], y: Tensor, mixed: MixedInputs) -> Tensor:
+        """`readout` for L mixers as one call (as `mix_stacked`): y [L, B, T, H, N] -> [L, B, T, C]."""
+        return self._readout_each(_MethodAsForward(self, "readout"), parameters, y, mixed.as_tuple())
+
+    @staticmethod
+    def _mix_each(method: _MethodAsForward, parameters: dict[str, Tensor], x: Tensor, v_first: Tensor | None,
+                  token_mask: Tensor | None) -> tuple[Tensor, ...]:
+        def mix_one(one: dict[str, Tensor], x_one: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.functional_call(method, one, (x_one, v_first, None, token_mask), strict=True).as_tuple()
+        return torch.func.vmap(mix_one)(method.named(parameters), x)
+
+    @staticmethod
+    def _readout_each(method: _MethodAsForward, parameters: dict[str, Tensor], y: Tensor,
+                      mixed: tuple[Tensor, ...]) -> Tensor:
+        def readout_one(one: dict[str, Tensor], y_one: Tensor, mixed_one: tuple[Tensor, ...]) -> Tensor:
+            return torch.func.functional_call(method, one, (y_one, MixedInputs(*mixed_one)), strict=True)
+        return torch.func.vmap(readout_one)(method.named(parameters), y, mixed)
+
     def readout(self, y: Tensor, mixed: MixedInputs) -> Tensor:
         """Steps 9-11: the output [B, T, C] from the state update's output y [B, T, H, N]."""
         B, T, H, N = y.shape
@@ -318,3 +362,21 @@ class RWKV7TimeMixer(nn.Module):
         y = y + bonus.reshape(B, T, H * N)
         # Step 11.
         return self.output(y * mixed.gate)
+
+
+class _MethodAsForward(nn.Module):
+    """One of a mixer's methods as a module's forward, which is what torch.func.functional_call runs.
+    Its parameters are the mixer's, named "mixer.<name>". Always the class's eager method: a mixer's
+    own `mix` may be compiled, and the stacked call compiles around all of it instead."""
+
+    def __init__(self, mixer: RWKV7TimeMixer, method: str):
+        super().__init__()
+        self.mixer = mixer
+        self.method = getattr(RWKV7TimeMixer, method)
+
+    def forward(self, *args):
+        return self.method(self.mixer, *args)
+
+    @staticmethod
+    def named(parameters: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {f"mixer.{name}": p for name, p in parameters.items()}
