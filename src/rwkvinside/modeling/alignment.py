@@ -12,8 +12,8 @@ is done. `alignment_losses` uses that: the pass only records each converted laye
 teacher output; then the first converted layer's mixer prepares its state-update inputs
 (`RWKV7TimeMixer.mix`) and v_first, all later layers' mixers (the same shape) prepare theirs in ONE
 stacked call (`mix_stacked`: their parameters stacked, each step one batched kernel), all layers'
-sequences go through one state update (they are independent, so stacking them along the batch changes
-nothing but the size of the kernel launch), and the outputs are read back and scored the same way.
+heads go through one state update (heads are independent, so stacking them changes nothing but the
+size of the kernel launch), and the outputs are read back and scored the same way.
 The per-layer way (each mixer inside its slot, during the pass) is the reference it is tested
 against, and what runs on the CPU (where it is faster) and where DeepSpeed ZeRO-3 partitions the
 mixers' weights (it gathers a module's weights only around that module's own forward call).
@@ -164,15 +164,16 @@ def alignment_losses(student: RWKVInsideForCausalLM, input_ids: Tensor, attentio
             parameters = stack_parameters([slot.mixer for _, slot in rest])
             rest_mixed = template.mix_stacked(parameters, torch.stack([slot.recorded[0] for _, slot in rest]),
                                               first_mixed.v_first, token_mask)  # [L, B, T, ...]
-            # the first layer's sequences in front of the others', all along the batch
-            wkv_inputs = [torch.cat([one[None], many]).flatten(0, 1)
+            # [B, T, (1 + L) * H, N]: the first layer's heads, then the others' (the kernel choices
+            # shipped in ops/wkv7/tuned are for this shape)
+            wkv_inputs = [torch.cat([one[:, :, None], many.permute(1, 2, 0, 3, 4)], dim=2).flatten(2, 3)
                           for one, many in zip(wkv_inputs, rest_mixed.wkv_inputs)]
         y, _ = wkv7(*wkv_inputs, scale=1.0, decay_floor=-MAX_LOG_DECAY)
-        y = y.unflatten(0, (len(slots), -1))  # [1 + L, B, T, H, N]
-        losses = {first: alignment_loss(first_slot.mixer.readout(y[0], first_mixed), first_slot.recorded[1],
-                                        token_mask, relative)}
+        y = y.unflatten(2, (len(slots), -1))  # [B, T, 1 + L, H, N]
+        losses = {first: alignment_loss(first_slot.mixer.readout(y[:, :, 0], first_mixed),
+                                        first_slot.recorded[1], token_mask, relative)}
         if rest:
-            outputs = template.readout_stacked(parameters, y[1:], rest_mixed)
+            outputs = template.readout_stacked(parameters, y[:, :, 1:].permute(2, 0, 1, 3, 4), rest_mixed)
             teacher_outputs = torch.stack([slot.recorded[1] for _, slot in rest])
             losses |= zip((i for i, _ in rest), alignment_loss(outputs, teacher_outputs, token_mask, relative))
         return losses
