@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time the student's bare step replayed as a CUDA graph, outside `generate`")
     p.add_argument("--compile", action="store_true",
-                   help="also time a student whose time mixers are compiled (compile_time_mixers)")
+                   help="also time a student whose time mixers are compiled (compile_layers)")
     p.add_argument("--student-context", type=int, default=0,
                    help="prompt the student with only the last N tokens (its cost per token does not depend on "
                         "the context: its state has one size; this skips its long prefills)")
@@ -243,7 +243,7 @@ def main() -> None:
     compiled = None
     if args.compile:
         compiled = convert(teacher, spec).eval()
-        compiled.compile_time_mixers()
+        compiled.compile_layers()
 
     with torch.no_grad():
         # Once before any timing: the first generate of a process pays one-off costs (allocator, clocks).

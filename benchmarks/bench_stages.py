@@ -24,8 +24,8 @@ next tokens, a fixed seed):
   training code: `convert`, `attach_teacher_attention` (stage 1), `select_trainable`, `make_engine`
   and `Trainer.step` with `STAGES[n]`; micro-batch --batch-size, --grad-accum micro-batches a step,
   so every row trains the same tokens per optimizer step;
-- with --compile, each stage step again with `train.compile` (the time mixers compiled around their
-  state update), right after the same step without it; "warmup_s" holds the untimed steps' seconds,
+- with --compile, each stage step again with `train.compile` (the work around the state updates
+  compiled: the time mixers' steps, the norms and MLPs), right after the same step without it; "warmup_s" holds the untimed steps' seconds,
   the first of which pays the compilation.
 
 Each runs --warmup steps (the first autotunes Triton kernels), then --steps timed steps, synchronised

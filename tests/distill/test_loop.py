@@ -386,7 +386,7 @@ def test_a_packed_batch_trains_as_with_its_all_ones_mask(tmp_path, number):
 # ---- train.compile --------------------------------------------------------------------------------
 
 def test_train_compile_trains_as_eagerly(tmp_path):
-    """train.compile (the time mixers compiled around their state update) changes no loss, gradient
+    """train.compile (the time mixers compiled around their state update, the norms and MLPs) changes no loss, gradient
     norm or weight beyond float32 rounding: stage 2 of the tiny student, three steps. (Without the
     copies RWKV7TimeMixer.compile_around_state_update makes of its per-head outputs, torch 2.13
     fails here.)"""
@@ -400,9 +400,11 @@ def test_train_compile_trains_as_eagerly(tmp_path):
                                STAGES[2].count_tokens, teacher=frozen_teacher(), compile=compiled)
         mixer = model.converted_attention()[model.rwkv_layers[0]].mixer
         assert ("mix" in vars(mixer)) == compiled  # the compiled wrapper shadows the method
+        mlp = model.model.layers[0].mlp
+        assert (mlp._compiled_call_impl is not None) == compiled
         _, records = run(trainer)
         results[compiled] = (records, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
-    assert counters["stats"]["unique_graphs"] >= 3  # mix (first layer, later layer) and readout: compiled
+    assert counters["stats"]["unique_graphs"] >= 5  # mix (first layer, later layer), readout, norm, MLP
     (eager, eager_weights), (compiled, compiled_weights) = results[False], results[True]
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

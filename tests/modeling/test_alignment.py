@@ -217,9 +217,10 @@ def test_batched_alignment_equals_the_per_layer_reference(make_teacher, family, 
 
 
 def test_compiled_batched_alignment_compiles_each_part_once_for_all_layers(make_teacher):
-    """With the mixers compiled (train.compile), the batched way compiles four graphs whatever the
-    number of layers (the first layer's steps 1-7 and 9-11, and the same stacked for all later layers)
-    and gives the eager per-layer reference's losses and gradients."""
+    """With the layers compiled (train.compile), the batched way compiles each part once whatever the
+    number of layers (the first layer's steps 1-7 and 9-11, the same stacked for all later layers,
+    the norms and MLPs of the teacher's pass) and gives the eager per-layer reference's losses and
+    gradients."""
     student = aligning_student(make_teacher("qwen3"), ConversionSpec(layers=(0, 1, 2, 3)))
     trainable = select_trainable(student, "mixers")
     ids, mask = random_ids(BATCH, LENGTH, seed=3), right_padding_mask()
@@ -233,13 +234,14 @@ def test_compiled_batched_alignment_compiles_each_part_once_for_all_layers(make_
     reference_losses, reference = one_step(batched=False)
     torch._dynamo.reset()
     counters.clear()
-    student.compile_time_mixers(fullgraph=True)
+    student.compile_layers(fullgraph=True)
     for _ in range(2):
         losses, gradients = one_step(batched=True)
-    assert counters["stats"]["unique_graphs"] == 4
+    # the first layer's mix and readout, the later layers' stacked, a norm and an MLP (the teacher pass)
+    assert counters["stats"]["unique_graphs"] == 6
     torch.testing.assert_close(losses, reference_losses, rtol=1e-5, atol=1e-7)
     for gradient, expected in zip(gradients, reference, strict=True):
-        torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+        torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_by_default_the_cpu_runs_each_mixer_in_its_slot(make_teacher):

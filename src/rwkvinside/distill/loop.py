@@ -114,7 +114,7 @@ class Trainer:
         self.folder = folder
         self.log = log
         if self.train.compile:
-            model.compile_time_mixers()
+            model.compile_layers()
 
     def _micro_batch(self) -> dict[str, Tensor]:
         """The next batch on the device. A padding mask that masks nothing (packed text) stays behind,
@@ -165,7 +165,7 @@ class Trainer:
         self.model.train()
         last_save = progress.step
         if self.engine.device.type == "cuda":
-            compiling = "; torch.compile compiles the time mixers too" if self.train.compile else ""
+            compiling = "; torch.compile compiles the layers too" if self.train.compile else ""
             self.log.waiting("the first step compiles the GPU kernels for these shapes (seconds where "
                              "rwkvinside ships fla's kernel choices for this GPU, minutes of autotuning elsewhere"
                              f"{compiling})")

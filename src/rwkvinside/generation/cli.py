@@ -33,8 +33,8 @@ def _add_model_options(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the time mixers: on an H200 a token of SmolLM2's student takes 3.2 ms "
-                        "instead of 5.1 (BENCHMARKS.md); the first tokens wait for the compilation")
+                   help="torch.compile the layers' work around the state updates (fewer, fused GPU kernels "
+                        "a token; BENCHMARKS.md); the first tokens wait for the compilation")
 
 
 def add_generate(commands) -> None:
@@ -110,7 +110,7 @@ def _load(args: argparse.Namespace):
 
     model, tokenizer, _ = load_model(args.model, args.device, args.dtype)
     if args.compile:
-        model.compile_time_mixers()
+        model.compile_layers()
     options = sampling_options(tokenizer, args.max_new_tokens, args.temperature, args.top_p,
                                getattr(args, "stop", ()))
     return model, tokenizer, options

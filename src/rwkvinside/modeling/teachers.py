@@ -22,6 +22,7 @@ class TeacherFamily:
     layers: str = "model.layers"  # the nn.ModuleList of decoder layers
     attention: str = "self_attn"  # a decoder layer's attention module
     mlp: str = "mlp"  # a decoder layer's feed-forward block
+    norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
     projections: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
     qk_norms: tuple[str, str] | None = None  # per-head RMSNorms on q and k, before RoPE
 
@@ -94,6 +95,11 @@ def _get(module: nn.Module, path: str) -> nn.Module:
 def decoder_layers(model: nn.Module, family: TeacherFamily) -> nn.ModuleList:
     """The decoder layers of a causal LM of `family` (a teacher, or a student built from one)."""
     return _get(model, family.layers)
+
+
+def pointwise_blocks(layer: nn.Module, family: TeacherFamily) -> list[nn.Module]:
+    """A decoder layer's parts besides its attention: its two norms and its feed-forward block."""
+    return [getattr(layer, name) for name in (*family.norms, family.mlp)]
 
 
 def attention_of(layer: nn.Module, family: TeacherFamily) -> nn.Module:
