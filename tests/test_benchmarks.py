@@ -27,7 +27,9 @@ def test_bench_stages_dry_run(tmp_path):
         assert set(result["profile"]["by_label_ms"]) == set(LABELS)
     profile = report["measurements"]["stage2_all"]["profile"]["by_label_ms"]
     assert all(profile[label] > 0 for label in LABELS)
-    assert report["measurements"]["teacher"]["x_teacher"] == 1.0
+    assert report["measurements"]["teacher"]["speed_vs_teacher"] == 1.0
+    stage1 = report["measurements"]["stage1"]
+    assert stage1["speed_vs_teacher"] == pytest.approx(stage1["tokens_per_s"] / report["measurements"]["teacher"]["tokens_per_s"])
     variants = report["wkv7"]["variants"]
     ran = [v for v in variants.values() if "skipped" not in v]
     assert len(ran) == 3 and all(v["ms_per_layer"] > 0 for v in ran)

@@ -140,6 +140,24 @@ def test_both_paths_equal_the_float64_reference(path, temperature, with_teacher,
         assert student_head.weight.grad is None
 
 
+@pytest.mark.parametrize("with_teacher, kl_weight, ce_weight", [(True, 0.5, 0.3), (False, 0.0, 1.0)],
+                         ids=["teacher", "no_teacher"])
+def test_the_compiled_fused_path_equals_the_float64_reference(with_teacher, kl_weight, ce_weight):
+    """score(compiled=True) (train.compile): each chunk's softmaxes, sums and gradient compiled."""
+    student_hidden, teacher_hidden, labels, student_head, teacher_head = make_case(seed=2)
+    if not with_teacher:
+        teacher_hidden = teacher_head = None
+    weights = dict(temperature=2.0, kl_weight=kl_weight, ce_weight=ce_weight)
+    scores = score(student_hidden, student_head, labels, teacher_hidden, teacher_head, chunk=CHUNK,
+                   compiled=True, **weights)
+    expected, grad_hidden, grad_weight = reference_with_grads(student_hidden, student_head, labels, teacher_hidden,
+                                                              teacher_head, **weights)
+    check_scores(scores, expected, with_teacher, **F64)
+    scores.loss.backward()
+    torch.testing.assert_close(student_hidden.grad, grad_hidden, **F64)
+    torch.testing.assert_close(student_head.weight.grad, grad_weight, **F64)
+
+
 @pytest.mark.parametrize("chunk", [L, CHUNK, 5, 1, 64], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_chunking_does_not_change_the_result(path, chunk):

@@ -12,12 +12,14 @@ Two paths compute the same function:
 
 - `plain`: autograd through the head, each chunk under activation checkpointing (its logits are
   recomputed in the backward pass instead of being kept). The reference, and what evaluation uses.
-- `fused`: the loss is a sum over positions, so its gradient with respect to each chunk's logits
-  (for the record: kl_weight * T * (softmax(s/T) - softmax(t/T)) + ce_weight * (softmax(s) - onehot(y)))
-  needs only that chunk. It is taken in the forward pass, chunk by chunk, and multiplied straight into
-  the gradients of the hidden states and of the head's weight: nothing is recomputed, no logits are
-  kept, and the teacher's head runs once. Used where a gradient is needed and the head is a plain
-  linear map with its whole weight in hand.
+- `fused`: the loss is a sum over positions, so its gradient with respect to each chunk's logits,
+  kl_weight * T * (softmax(s/T) - softmax(t/T)) + ce_weight * (softmax(s) - onehot(y)) on each target
+  position (s, t: the student's and the teacher's logits, y the label, T the temperature), needs only
+  that chunk. It is written out (`_chunk_with_gradient`) and taken in the forward pass, chunk by
+  chunk, and multiplied straight into the gradients of the hidden states and of the head's weight:
+  nothing is recomputed, no logits are kept, and the teacher's head runs once. Used where a gradient
+  is needed and the head is a plain linear map with its whole weight in hand. With `compiled`,
+  torch.compile fuses a chunk's softmaxes, reductions and gradient into a few passes over its logits.
 """
 
 from __future__ import annotations
@@ -60,19 +62,21 @@ def _float(logits: Tensor) -> Tensor:
 
 def score(student_hidden: Tensor, student_head: nn.Module, labels: Tensor, teacher_hidden: Tensor | None = None,
           teacher_head: Head | None = None, *, temperature: float = 1.0, kl_weight: float = 1.0,
-          ce_weight: float = 0.0, chunk: int = 256, fused: bool | None = None) -> Scores:
+          ce_weight: float = 0.0, chunk: int = 256, fused: bool | None = None, compiled: bool = False) -> Scores:
     """Scores of one batch. student_hidden, teacher_hidden: [B, T, C]; labels: [B, T], shifted.
 
     Without a teacher the KL term is absent (kl_weight is ignored). fused: None picks the fused path
-    where it applies (see the module docstring), False forces the plain one.
+    where it applies (see the module docstring), False forces the plain one; compiled: the fused
+    path's per-chunk work runs compiled.
     """
     if fused is None:
         fused = torch.is_grad_enabled() and student_hidden.requires_grad and fusable(student_head)
     weights = (kl_weight if teacher_hidden is not None else 0.0, ce_weight)
     totals: dict[str, Tensor] = {}
     if fused:
+        chunk_with_gradient = _compiled_chunk_with_gradient if compiled else _chunk_with_gradient
         totals["loss"] = _FusedHeadLoss.apply(student_hidden, student_head.weight, labels, teacher_hidden,
-                                              teacher_head, temperature, weights, chunk, totals)
+                                              teacher_head, temperature, weights, chunk, totals, chunk_with_gradient)
     else:
         for start in range(0, labels.shape[1], chunk):
             piece = slice(start, start + chunk)
@@ -155,16 +159,50 @@ def _plain_chunk(student_hidden: Tensor, student_head: nn.Module, labels: Tensor
     return dict(zip(("loss", *METRICS), values))
 
 
+def _chunk_with_gradient(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
+                         temperature: float, weights: tuple[float, float]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One chunk's terms (as `_terms`), its weighted loss and d loss / d student_logits, written out
+    (the module docstring). Logits [n, V] in any float dtype, computed in float32 at least; labels [n]."""
+    kl_weight, ce_weight = weights
+    mask = target_mask(labels)
+    s = _float(student_logits)
+    log_p = F.log_softmax(s, dim=-1)
+    picked = log_p.gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+    terms = {"student_ce": -(picked * mask).sum()}
+    loss = ce_weight * terms["student_ce"]
+    gradient = torch.zeros_like(s)
+    if ce_weight:
+        gradient = ce_weight * (log_p.exp() - F.one_hot(labels.clamp(min=0), s.shape[-1]).to(s.dtype))
+    if teacher_logits is not None:
+        t = _float(teacher_logits)
+        teacher_log_p = F.log_softmax(t, dim=-1)
+        teacher_picked = teacher_log_p.gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+        terms["teacher_ce"] = -(teacher_picked * mask).sum()
+        terms["agreement"] = ((t.argmax(-1) == s.argmax(-1)) & mask).sum().to(s.dtype)
+        student_log_q = F.log_softmax(s / temperature, dim=-1)
+        teacher_log_q = F.log_softmax(t / temperature, dim=-1)
+        teacher_q = teacher_log_q.exp()
+        terms["kl"] = ((teacher_q * (teacher_log_q - student_log_q)).sum(-1) * mask).sum() * temperature**2
+        loss = loss + kl_weight * terms["kl"]
+        if kl_weight:
+            gradient = gradient + kl_weight * temperature * (student_log_q.exp() - teacher_q)
+    return terms, loss, gradient * mask[:, None].to(s.dtype)
+
+
+# Compiled once per chunk shape, temperature and weights; only where asked (`score(compiled=True)`).
+_compiled_chunk_with_gradient = torch.compile(_chunk_with_gradient, dynamic=False)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """The weighted loss of `score` with its gradients computed in the forward pass, a chunk at a time:
-    for each chunk, autograd over that chunk's logits alone gives d loss / d logits, which goes
-    straight into the gradient of the hidden states ([B, T, C]) and of the head's weight (float32
-    [V, C], summed over the chunks). The backward pass only scales them by the incoming gradient."""
+    for each chunk, d loss / d logits (`_chunk_with_gradient`) goes straight into the gradient of the
+    hidden states ([B, T, C]) and of the head's weight (float32 [V, C], summed over the chunks). The
+    backward pass only scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, teacher_hidden: Tensor | None,
                 teacher_head: Head | None, temperature: float, weights: tuple[float, float], chunk: int,
-                metrics: dict[str, Tensor]) -> Tensor:
+                metrics: dict[str, Tensor], chunk_with_gradient: Callable) -> Tensor:
         grad_hidden = torch.zeros_like(hidden)
         accumulate = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = (torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
@@ -173,18 +211,14 @@ class _FusedHeadLoss(torch.autograd.Function):
         for start in range(0, labels.shape[1], chunk):
             piece = slice(start, start + chunk)
             flat = hidden[:, piece].flatten(0, 1)  # [n, C]
-            teacher_logits = None
-            if teacher_hidden is not None:
-                teacher_logits = _float(teacher_head(teacher_hidden[:, piece])).flatten(0, 1)
-            with torch.enable_grad():
-                logits = _float(flat @ weight.mT).requires_grad_(True)  # [n, V]
-                terms, chunk_loss = _terms(logits, labels[:, piece].flatten(), teacher_logits, temperature, weights)
-                grads = torch.autograd.grad(chunk_loss, logits) if chunk_loss.requires_grad else None
+            teacher_logits = None if teacher_hidden is None else teacher_head(teacher_hidden[:, piece]).flatten(0, 1)
+            terms, chunk_loss, grad_logits = chunk_with_gradient(flat @ weight.mT, labels[:, piece].flatten(),
+                                                                 teacher_logits, temperature, weights)
             _accumulate(metrics, terms)
-            loss += chunk_loss.detach()
-            if grads is None:  # every weight is zero: nothing to learn from
-                continue
-            grad_logits = grads[0].to(weight.dtype)
+            loss += chunk_loss
+            if not any(weights):
+                continue  # every weight is zero: nothing to learn from
+            grad_logits = grad_logits.to(weight.dtype)
             grad_hidden[:, piece] = (grad_logits @ weight).view_as(hidden[:, piece])
             if grad_weight is not None:
                 grad_weight += grad_logits.mT @ flat  # in the weight's dtype, summed in float32
@@ -196,7 +230,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss  # autograd casts it to the weight's dtype
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None, None, None, None, None
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None, None, None, None, None,
+                None)
 
 
 def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -36,7 +36,7 @@ def regression_batches(batch_size: int, seed: int = 0):
         yield {"x": x, "y": x.sum(dim=1, keepdim=True)}
 
 
-def regression_step(model, teacher, batch, stage, loss_chunk) -> StepLoss:
+def regression_step(model, teacher, batch, stage, train) -> StepLoss:
     loss = (model(batch["x"]) - batch["y"]).pow(2).sum()
     return StepLoss(loss, {"mse": loss.detach()})
 
@@ -361,9 +361,9 @@ def test_a_packed_batch_trains_as_with_its_all_ones_mask(tmp_path, number):
     for name, trainer_class in (("dropped", Trainer), ("kept", KeepingTheMask)):
         masks = seen.setdefault(name, [])
 
-        def step(model, teacher, batch, stage_config, loss_chunk, masks=masks):
+        def step(model, teacher, batch, stage_config, train, masks=masks):
             masks.append("attention_mask" in batch)
-            return STAGES[number].step(model, teacher, batch, stage_config, loss_chunk)
+            return STAGES[number].step(model, teacher, batch, stage_config, train)
 
         model = student(align=number == 1)
         trainer = make_trainer(tmp_path / name, model, with_packed_and_padded(token_batches(2)), step, stage,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkvinside.config import StageConfig
+from rwkvinside.config import StageConfig, TrainConfig
 from rwkvinside.data import IGNORE_INDEX, target_tokens
 from rwkvinside.distill import stages
 from rwkvinside.distill.stages import STAGES, alignment_step, distillation_step, real_tokens, sft_step
@@ -79,7 +79,7 @@ def test_stage_steps_sum_their_terms_over_the_target_tokens(with_mask):
         batch["attention_mask"] = torch.ones(B, T, dtype=torch.long)
     stage = StageConfig(max_steps=1, kl_weight=0.25, ce_weight=2.0, temperature=1.5)
     student, teacher = StubModel(student_hidden, student_head), StubModel(teacher_hidden, teacher_head)
-    out = distillation_step(student, teacher, batch, stage, loss_chunk=5)
+    out = distillation_step(student, teacher, batch, stage, TrainConfig(loss_chunk=5))
     kl, student_ce, teacher_ce, agreement, tokens = reference_terms(student_hidden, teacher_hidden, labels,
                                                                     student_head, teacher_head, 1.5)
     assert int(target_tokens(batch)) == tokens == B * T - 6
@@ -92,11 +92,11 @@ def test_stage_steps_sum_their_terms_over_the_target_tokens(with_mask):
     assert out.loss.requires_grad
 
     stage3 = StageConfig(max_steps=1, kl_weight=0.0, ce_weight=1.0)
-    sft = sft_step(StubModel(student_hidden, student_head), None, batch, stage3, loss_chunk=5)
+    sft = sft_step(StubModel(student_hidden, student_head), None, batch, stage3, TrainConfig(loss_chunk=5))
     torch.testing.assert_close(sft.loss.double(), student_ce, rtol=1e-5, atol=1e-5)
     assert set(sft.metrics) == {"student_ce"}
     # stage 3 trains on the CE whatever the stage's kl/ce weights say
-    other = sft_step(StubModel(student_hidden, student_head), None, batch, stage, loss_chunk=5)
+    other = sft_step(StubModel(student_hidden, student_head), None, batch, stage, TrainConfig(loss_chunk=5))
     torch.testing.assert_close(other.loss, sft.loss)
 
 
@@ -126,7 +126,7 @@ def test_the_alignment_step_is_the_mean_over_layers_times_the_tokens(monkeypatch
     if with_mask:
         batch["attention_mask"] = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     tokens = 5 if with_mask else 8
-    out = alignment_step(None, None, batch, StageConfig(max_steps=1), loss_chunk=4)
+    out = alignment_step(None, None, batch, StageConfig(max_steps=1), TrainConfig(loss_chunk=4))
     assert (given[0] is None) != with_mask
     assert float(out.loss.detach()) == pytest.approx(3.0 * tokens) and out.loss.requires_grad
     assert float(out.metrics["align"]) == pytest.approx(3.0 * tokens)

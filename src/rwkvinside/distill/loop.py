@@ -143,7 +143,7 @@ class Trainer:
         weight = self.train.grad_accum * self.engine.world_size / divisor
         sums: dict[str, Tensor] = {}
         for batch in batches:
-            out = self.stage.step(self.model, self.teacher, batch, self.stage_config, self.train.loss_chunk)
+            out = self.stage.step(self.model, self.teacher, batch, self.stage_config, self.train)
             self.engine.backward(out.loss * weight)
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 sums[key] = sums.get(key, 0) + value.float()

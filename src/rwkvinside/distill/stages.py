@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from rwkvinside.config import StageConfig
+from rwkvinside.config import StageConfig, TrainConfig
 from rwkvinside.data import target_tokens
 from rwkvinside.modeling.alignment import alignment_losses
 from rwkvinside.modeling.student import RWKVInsideForCausalLM
@@ -38,7 +38,7 @@ def real_tokens(batch: dict[str, Tensor]) -> Tensor:
 
 
 def alignment_step(model: RWKVInsideForCausalLM, teacher: nn.Module | None, batch: dict[str, Tensor],
-                   stage: StageConfig, loss_chunk: int) -> StepLoss:
+                   stage: StageConfig, train: TrainConfig) -> StepLoss:
     """The mean of the per-layer alignment losses (each a mean over real tokens), times the tokens."""
     per_layer = alignment_losses(model, batch["input_ids"], batch.get("attention_mask"),
                                  relative=stage.alignment_loss == "relative")
@@ -49,7 +49,7 @@ def alignment_step(model: RWKVInsideForCausalLM, teacher: nn.Module | None, batc
 
 
 def distillation_step(model: RWKVInsideForCausalLM, teacher: nn.Module, batch: dict[str, Tensor],
-                      stage: StageConfig, loss_chunk: int) -> StepLoss:
+                      stage: StageConfig, train: TrainConfig) -> StepLoss:
     teacher_device = teacher.get_input_embeddings().weight.device
     with torch.no_grad(), record_function("teacher forward"):
         mask = batch.get("attention_mask")
@@ -59,17 +59,18 @@ def distillation_step(model: RWKVInsideForCausalLM, teacher: nn.Module, batch: d
     with record_function("loss"):
         scores = score(student_hidden, model.lm_head, batch["labels"], teacher_hidden.to(student_hidden.device),
                        _OnDevice(teacher), temperature=stage.temperature, kl_weight=stage.kl_weight,
-                       ce_weight=stage.ce_weight, chunk=loss_chunk)
+                       ce_weight=stage.ce_weight, chunk=train.loss_chunk, compiled=train.compile)
     metrics = {"kl": scores.kl, "student_ce": scores.student_ce, "teacher_ce": scores.teacher_ce,
                "agreement": scores.agreement}
     return StepLoss(scores.loss, metrics)
 
 
 def sft_step(model: RWKVInsideForCausalLM, teacher: nn.Module | None, batch: dict[str, Tensor],
-             stage: StageConfig, loss_chunk: int) -> StepLoss:
+             stage: StageConfig, train: TrainConfig) -> StepLoss:
     student_hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"))
     with record_function("loss"):
-        scores = score(student_hidden, model.lm_head, batch["labels"], ce_weight=1.0, chunk=loss_chunk)
+        scores = score(student_hidden, model.lm_head, batch["labels"], ce_weight=1.0, chunk=train.loss_chunk,
+                       compiled=train.compile)
     return StepLoss(scores.loss, {"student_ce": scores.student_ce})
 
 
