@@ -205,6 +205,7 @@ def test_mistyped_values_name_the_key(override, key, expected):
     ("stage1.lr_final=1", "lr_final"),
     ("engine.zero_stage=4", "engine.zero_stage"),
     ("data.seq_len=1", "data.seq_len"),
+    ("data.eos_first=1.5", "data.eos_first"),
     ("stage3.max_steps=0", "budget"),
 ])
 def test_invalid_values_name_the_field(override, named):
@@ -218,9 +219,11 @@ def test_invalid_values_name_the_field(override, named):
     (["convert.layers=[0, 1, 2]"], False),
     (["convert.keep_attention=8", "data.eos_first=true"], True),  # what the user says wins
     (["data.eos_first=false"], False),
+    (["convert.keep_attention=8", "data.eos_first=0.5"], 0.5),  # half the windows led by the EOS
 ])
 def test_eos_first_by_default_only_for_an_all_rwkv_student(overrides, expected):
-    assert load_config(overrides=overrides).data.eos_first is expected
+    data = load_config(overrides=overrides).data
+    assert data.eos_first == expected and data.eos_first_fraction == float(expected)
 
 
 def test_compile_is_refused_under_zero_3():

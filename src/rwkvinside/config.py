@@ -90,24 +90,28 @@ class DataConfig:
     # student that keeps attention layers and only ever saw the EOS first does not build their sink
     # from an ordinary first token, as prompts and mid-text windows have (2.5x the teacher's perplexity
     # instead of 1.2x). null (the default): on for an all-RWKV student, off where attention stays
-    # (convert.layers or convert.keep_attention). BENCHMARKS.md has both measurements.
-    eos_first: bool | None = None
+    # (convert.layers or convert.keep_attention). BENCHMARKS.md has both measurements. A number in
+    # [0, 1]: that fraction of the windows, spread evenly (data/packing.py), the rest plain slices.
+    eos_first: bool | float | None = None
     eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
     shuffle_buffer: int = 10000  # sequences held for shuffling in streaming mode
     seed: int = 0
 
     @property
-    def starts_with_eos(self) -> bool:
-        """Whether training windows start with the EOS. `Config` resolves eos_first=None from the
-        conversion; a DataConfig used on its own (no conversion to go by) takes the all-RWKV default."""
-        return self.eos_first is not False
+    def eos_first_fraction(self) -> float:
+        """The fraction of training windows that start with the EOS. `Config` resolves eos_first=None
+        from the conversion; a DataConfig used on its own (no conversion to go by) takes the all-RWKV
+        default."""
+        return float(True if self.eos_first is None else self.eos_first)
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be at least 2, not {self.seq_len}")
         if self.eval_tokens < 0:
             raise ValueError("data.eval_tokens must be >= 0")
+        if not 0 <= self.eos_first_fraction <= 1:
+            raise ValueError(f"data.eos_first must be true, false or a fraction in [0, 1], not {self.eos_first}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be at least 1, not {self.shuffle_buffer}")
         if self.streaming and any(weight != 1 for _, weight in train_entries(self.train)):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwkvinside.data import IGNORE_INDEX, PackedDataset, iter_texts, pack_windows, tokenize_stream
-from rwkvinside.data.packing import packed_sample
+from rwkvinside.data.packing import Lead, packed_sample
 from rwkvinside.errors import UserError
 
 from .helpers import DOCS, reference_stream
@@ -93,7 +93,7 @@ def test_with_eos_first_every_stream_token_is_a_target_exactly_once(tiny_tokeniz
 
 def test_with_eos_first_streaming_windows_equal_in_memory_windows(tiny_tokenizer, eos_first_dataset):
     chunks = np.array_split(np.asarray(reference_stream(tiny_tokenizer, DOCS), dtype=np.int32), 37)
-    windows = list(pack_windows(chunks, SEQ_LEN, lead=tiny_tokenizer.eos_token_id))
+    windows = list(pack_windows(chunks, SEQ_LEN, lead=Lead(tiny_tokenizer.eos_token_id)))
     assert len(windows) == len(eos_first_dataset)
     for i, window in enumerate(windows):
         for key, value in packed_sample(window, SEQ_LEN).items():
@@ -127,3 +127,40 @@ def test_tokenizer_without_eos(tiny_tokenizer):
 def test_from_files(tiny_tokenizer, text_corpus):
     from_files = PackedDataset.from_texts(iter_texts([text_corpus]), tiny_tokenizer, SEQ_LEN)
     assert from_files.tokens.tolist() == reference_stream(tiny_tokenizer, DOCS)
+
+
+# ---- eos_first as a fraction: some windows led by the EOS, the others plain ---------------------------
+
+
+@pytest.mark.parametrize("fraction, led", [(1.0, [True] * 6), (0.5, [True, False] * 3),
+                                           (1 / 3, [True, False, False] * 2), (0.25, [True, False, False, False, True, False])])
+def test_a_fraction_of_the_windows_is_led_evenly_from_the_first(fraction, led):
+    assert [Lead(0, fraction).leads(i) for i in range(6)] == led
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_with_a_fraction_led_every_stream_token_is_still_a_target_exactly_once(tiny_tokenizer, fraction):
+    """A led window is the EOS and the next T tokens; an unled one the token before and the same T:
+    both predict the same T targets, so the targets are the stream in order, whichever windows lead."""
+    stream, eos = reference_stream(tiny_tokenizer, DOCS), tiny_tokenizer.eos_token_id
+    dataset = PackedDataset.from_texts(DOCS, tiny_tokenizer, SEQ_LEN, eos_first=fraction)
+    assert len(dataset) == len(stream) // SEQ_LEN
+    lead = Lead(eos, fraction)
+    for i in range(len(dataset)):
+        inputs = dataset[i]["input_ids"].tolist()
+        chunk = stream[i * SEQ_LEN: (i + 1) * SEQ_LEN]
+        assert dataset[i]["labels"].tolist() == chunk
+        assert inputs == ([eos] if lead.leads(i) else [stream[i * SEQ_LEN - 1]]) + chunk[:-1]
+    assert sum(lead.leads(i) for i in range(len(dataset))) == pytest.approx(fraction * len(dataset), abs=1)
+
+    chunks = np.array_split(np.asarray(stream, dtype=np.int32), 37)  # streaming cuts the same windows
+    windows = list(pack_windows(chunks, SEQ_LEN, lead=lead))
+    assert len(windows) == len(dataset)
+    for i, window in enumerate(windows):
+        for key, value in packed_sample(window, SEQ_LEN).items():
+            assert torch.equal(value, dataset[i][key])
+
+
+def test_a_lead_fraction_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="fraction"):
+        Lead(0, 1.5)

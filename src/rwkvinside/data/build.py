@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rwkvinside.config import DataConfig, WeightedPath, train_entries
 from rwkvinside.data.chat import ChatDataset, conversation_sample, render_conversations
 from rwkvinside.data.loader import MapSource, ShardedLoader, StreamSource, WeightedSource
-from rwkvinside.data.packing import PackedDataset, eos_id, pack_windows, packed_sample, pad_id, tokenize_stream
+from rwkvinside.data.packing import PackedDataset, eos_lead, pack_windows, packed_sample, pad_id, tokenize_stream
 from rwkvinside.data.sources import iter_conversations, iter_documents, resolve_sources
 from rwkvinside.data.synthetic import check_tokenizer
 from rwkvinside.errors import UserError
@@ -63,7 +63,7 @@ def _packed_source(config: DataConfig, groups: list[tuple[float, list[str]]],
     parts = []
     for weight, paths in groups:
         dataset = PackedDataset.from_texts(iter_documents(paths), tokenizer, config.seq_len,
-                                           config.starts_with_eos)
+                                           config.eos_first_fraction)
         which = f" (weight {weight:g}: {', '.join(paths)})" if len(groups) > 1 else ""
         _log_size(dataset, config.seq_len, which)
         parts.append((dataset, weight))
@@ -86,6 +86,6 @@ def _stream_source(config: DataConfig, paths: Sequence[str], tokenizer: PreTrain
         return StreamSource(lambda: render_conversations(iter_conversations(paths), tokenizer, seq_len),
                             lambda conversation: conversation_sample(conversation, seq_len, pad),
                             config.seed, config.shuffle_buffer)
-    lead = eos_id(tokenizer) if config.starts_with_eos else None
+    lead = eos_lead(tokenizer, config.eos_first_fraction)
     return StreamSource(lambda: pack_windows(tokenize_stream(iter_documents(paths), tokenizer), seq_len, lead),
                         lambda window: packed_sample(window, seq_len), config.seed, config.shuffle_buffer)

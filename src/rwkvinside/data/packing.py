@@ -20,11 +20,18 @@ puts an arbitrary token there, and in stage 2 that position's gradients spiked b
 the median token's (BENCHMARKS.md). The configuration turns the lead on only for an all-RWKV
 student: one that keeps attention layers must learn to build their sink from any first token, as
 prompts have, and EOS-first windows never show it one (`config.DataConfig.eos_first`).
+
+A lead may also come first in only a fraction f of the windows (`Lead.fraction`), spread evenly
+(window i has it where ceil(i*f) < ceil((i+1)*f): window 0 always). A window without it then starts
+one stream token earlier, `stream[i*T - 1 : i*T + T]`, so that it has the same T targets: every token
+is still a target exactly once, whichever windows are led.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,6 +53,11 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
         raise UserError("the tokenizer has no end-of-text token (eos_token) to separate documents; use the "
                         "teacher's own tokenizer or set tokenizer.eos_token")
     return int(tokenizer.eos_token_id)
+
+
+def eos_lead(tokenizer: PreTrainedTokenizerBase, fraction: float) -> Lead | None:
+    """The EOS as the lead of `fraction` of the windows (None for none)."""
+    return Lead(eos_id(tokenizer), fraction) if fraction else None
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -76,31 +88,52 @@ def separated(ids: Sequence[int], eos: int) -> list[int]:
     return ids if ids[-1:] == [eos] else ids + [eos]
 
 
-def stream_tokens_needed(seq_len: int, lead: int | None) -> int:
-    """Stream tokens one window reads: seq_len + 1 (inputs and the last target), or seq_len after a lead."""
+@dataclass(frozen=True)
+class Lead:
+    """A token put first in a fraction of the windows (the module docstring says which ones)."""
+
+    token: int
+    fraction: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"a lead's fraction must be in (0, 1], not {self.fraction}")
+
+    def leads(self, index: int) -> bool:
+        return math.ceil(index * self.fraction) < math.ceil((index + 1) * self.fraction)
+
+
+def stream_tokens_needed(seq_len: int, lead: Lead | None) -> int:
+    """Stream tokens from a window's start to its end: seq_len + 1 (inputs and the last target), or
+    seq_len where there is a lead (the last target is then the window's last token)."""
     return seq_len if lead is not None else seq_len + 1
 
 
-def window_at(tokens: np.ndarray, index: int, seq_len: int, lead: int | None) -> np.ndarray:
-    """Window `index` [seq_len+1] of a stream: its own tokens (a view), or `lead` then seq_len of them."""
-    start = index * seq_len
+def window_at(tokens: np.ndarray, index: int, seq_len: int, lead: Lead | None, base: int = 0) -> np.ndarray:
+    """Window `index` [seq_len+1] of a stream whose token `base` is tokens[0]: its own tokens (a view),
+    `lead` then seq_len of them, or (an unled window beside led ones) the token before and seq_len."""
+    start = index * seq_len - base
     if lead is None:
         return tokens[start: start + seq_len + 1]
-    return np.concatenate([np.array([lead], dtype=tokens.dtype), tokens[start: start + seq_len]])
+    if lead.leads(index):
+        return np.concatenate([np.array([lead.token], dtype=tokens.dtype), tokens[start: start + seq_len]])
+    return tokens[start - 1: start + seq_len]
 
 
-def pack_windows(chunks: Iterable[np.ndarray], seq_len: int, lead: int | None = None) -> Iterator[np.ndarray]:
+def pack_windows(chunks: Iterable[np.ndarray], seq_len: int, lead: Lead | None = None) -> Iterator[np.ndarray]:
     """Windows [seq_len+1] of a token stream given in chunks (streaming), as `window_at` cuts them."""
     needed = stream_tokens_needed(seq_len, lead)
-    buffer = np.empty(0, dtype=np.int32)
-    total = 0
+    # the stream from `base` on: the next window's start, and with a lead the token before it too
+    buffer, base, index, total = np.empty(0, dtype=np.int32), 0, 0, 0
     for chunk in chunks:
         total += chunk.size
         buffer = np.concatenate([buffer, chunk])
-        count = (buffer.size - needed) // seq_len + 1 if buffer.size >= needed else 0
-        for i in range(count):  # copies: a view would keep the whole chunk alive in a shuffle buffer
-            yield window_at(buffer, i, seq_len, lead).copy()
-        buffer = buffer[count * seq_len:]  # without a lead it keeps the overlap token, the next first input
+        while index * seq_len + needed <= base + buffer.size:
+            # copies: a view would keep the whole chunk alive in a shuffle buffer
+            yield window_at(buffer, index, seq_len, lead, base).copy()
+            index += 1
+        keep_from = index * seq_len - (1 if lead is not None and index else 0)
+        buffer, base = buffer[keep_from - base:], keep_from
     if total < needed:
         raise too_small(total, seq_len, needed)
 
@@ -118,8 +151,8 @@ def too_small(num_tokens: int, seq_len: int, needed: int) -> UserError:
 class PackedDataset:
     """All packed sequences of an in-memory token stream; item i is window i as a `Sample`."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, lead: int | None = None) -> None:
-        """tokens: [N] int32, the whole stream; lead: a token to start every window with (or None)."""
+    def __init__(self, tokens: np.ndarray, seq_len: int, lead: Lead | None = None) -> None:
+        """tokens: [N] int32, the whole stream; lead: a token to start windows with (or None)."""
         needed = stream_tokens_needed(seq_len, lead)
         if tokens.size < needed:
             raise too_small(tokens.size, seq_len, needed)
@@ -129,11 +162,10 @@ class PackedDataset:
 
     @classmethod
     def from_texts(cls, documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase,
-                   seq_len: int, eos_first: bool = False) -> "PackedDataset":
-        """The packed stream of documents: texts, or token ids (`tokenize_stream`); with eos_first
-        every window starts with the EOS."""
-        return cls(np.concatenate(list(tokenize_stream(documents, tokenizer))), seq_len,
-                   eos_id(tokenizer) if eos_first else None)
+                   seq_len: int, eos_first: float = 0.0) -> "PackedDataset":
+        """The packed stream of documents: texts, or token ids (`tokenize_stream`); eos_first: the
+        fraction of windows that start with the EOS (1: every one)."""
+        return cls(np.concatenate(list(tokenize_stream(documents, tokenizer))), seq_len, eos_lead(tokenizer, eos_first))
 
     def __len__(self) -> int:
         return (self.tokens.size - stream_tokens_needed(self.seq_len, self.lead)) // self.seq_len + 1
