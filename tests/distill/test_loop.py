@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from rwkvinside.config import Config, StageConfig, TrainConfig
+from rwkvinside.config import Config, EngineConfig, StageConfig, TrainConfig
 from rwkvinside.distill import loop
 from rwkvinside.distill.engine import PlainEngine
 from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, ended_by, schedule
@@ -412,6 +412,15 @@ def test_train_compile_trains_as_eagerly(tmp_path):
     assert eager[0]["loss"] != pytest.approx(eager[-1]["loss"], rel=1e-6)  # the weights did move
     for name, weight in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-5, atol=5e-6, msg=name)
+
+
+@pytest.mark.parametrize("engine_kind, warned", [("deepspeed", True), ("plain", False)])
+def test_train_compile_under_deepspeed_warns_that_it_measured_slower(tmp_path, caplog, engine_kind, warned):
+    model = student(align=False)
+    config = Config(train=TrainConfig(compile=True), engine=EngineConfig(kind=engine_kind))
+    engine = PlainEngine({n: p for n, p in model.named_parameters() if p.requires_grad}, config.train, CPU)
+    Trainer(STAGES[2], config, model, None, iter([]), engine, tmp_path, SnapshotLog(tmp_path, model))
+    assert ("consider train.compile=false" in caplog.text) == warned
 
 
 def test_automatic_garbage_collection_is_off_during_a_stage_and_back_after(tmp_path, monkeypatch):

@@ -115,6 +115,9 @@ class Trainer:
         self.log = log
         if self.train.compile:
             model.compile_layers()
+            if config.engine.kind == "deepspeed":
+                logger.warning("train.compile made DeepSpeed's stage-2 steps slower, not faster, on an H200 "
+                               "(BENCHMARKS.md); consider train.compile=false")
 
     def _micro_batch(self) -> dict[str, Tensor]:
         """The next batch on the device. A padding mask that masks nothing (packed text) stays behind,
