@@ -165,18 +165,18 @@ def _chunk_with_gradient(student_logits: Tensor, labels: Tensor, teacher_logits:
     (the module docstring). Logits [n, V] in any float dtype, computed in float32 at least; labels [n]."""
     kl_weight, ce_weight = weights
     mask = target_mask(labels)
+    index = labels.clamp(min=0)[:, None]  # [n, 1]; ignored positions are masked out below
     s = _float(student_logits)
     log_p = F.log_softmax(s, dim=-1)
-    picked = log_p.gather(-1, labels.clamp(min=0)[:, None])[:, 0]
-    terms = {"student_ce": -(picked * mask).sum()}
+    terms = {"student_ce": -(log_p.gather(-1, index)[:, 0] * mask).sum()}
     loss = ce_weight * terms["student_ce"]
-    gradient = torch.zeros_like(s)
-    if ce_weight:
-        gradient = ce_weight * (log_p.exp() - F.one_hot(labels.clamp(min=0), s.shape[-1]).to(s.dtype))
+    gradient = s.new_zeros(())  # broadcasts to [n, V] once a term adds to it
+    if ce_weight:  # softmax(s) - onehot(y)
+        gradient = ce_weight * log_p.exp().scatter_add(-1, index, s.new_full(index.shape, -1.0))
     if teacher_logits is not None:
         t = _float(teacher_logits)
         teacher_log_p = F.log_softmax(t, dim=-1)
-        teacher_picked = teacher_log_p.gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+        teacher_picked = teacher_log_p.gather(-1, index)[:, 0]
         terms["teacher_ce"] = -(teacher_picked * mask).sum()
         terms["agreement"] = ((t.argmax(-1) == s.argmax(-1)) & mask).sum().to(s.dtype)
         student_log_q = F.log_softmax(s / temperature, dim=-1)

@@ -221,7 +221,8 @@ class RWKV7TimeMixer(nn.Module):
                 nn.init.ones_(norm.weight)
 
     def compile_around_state_update(self, **options) -> None:
-        """torch.compile steps 1-7 (`mix`) and 9-11 (`readout`), not the state update between them.
+        """torch.compile steps 1-7 (`mix`) and 9-11 (`readout`), not the state update between them;
+        and the same for several mixers at once (`mix_stacked`, `readout_stacked`: stage 1).
 
         Around the state update a layer runs some fifty small elementwise kernels per call, forward
         and backward; compiled, they fuse into a handful, which saves both their launches (the host
