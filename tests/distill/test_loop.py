@@ -386,7 +386,8 @@ def test_a_packed_batch_trains_as_with_its_all_ones_mask(tmp_path, number):
 # ---- train.compile --------------------------------------------------------------------------------
 
 def test_train_compile_trains_as_eagerly(tmp_path):
-    """train.compile (the time mixers compiled around their state update, the norms and MLPs) changes no loss, gradient
+    """train.compile (the time mixers compiled around their state update, the norms and MLPs, the
+    teacher's too, and the loss) changes no loss, gradient
     norm or weight beyond float32 rounding: stage 2 of the tiny student, three steps. (Without the
     copies RWKV7TimeMixer.compile_around_state_update makes of its per-head outputs, torch 2.13
     fails here.)"""
@@ -395,13 +396,13 @@ def test_train_compile_trains_as_eagerly(tmp_path):
     torch._dynamo.reset()  # no compiled code or recompilation count left from other tests
     counters.clear()
     for compiled in (False, True):
-        model = student(align=False)
+        model, teacher = student(align=False), frozen_teacher()
         trainer = make_trainer(tmp_path / str(compiled), model, token_batches(2), STAGES[2].step, stage,
-                               STAGES[2].count_tokens, teacher=frozen_teacher(), compile=compiled)
+                               STAGES[2].count_tokens, teacher=teacher, compile=compiled)
         mixer = model.converted_attention()[model.rwkv_layers[0]].mixer
         assert ("mix" in vars(mixer)) == compiled  # the compiled wrapper shadows the method
-        mlp = model.model.layers[0].mlp
-        assert (mlp._compiled_call_impl is not None) == compiled
+        for mlp in (model.model.layers[0].mlp, teacher.model.layers[0].mlp):  # the teacher's too
+            assert (mlp._compiled_call_impl is not None) == compiled
         _, records = run(trainer)
         results[compiled] = (records, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
     assert counters["stats"]["unique_graphs"] >= 5  # mix (first layer, later layer), readout, norm, MLP

@@ -30,6 +30,7 @@ from rwkvinside.distill.engine import Engine
 from rwkvinside.distill.metrics import RunLog
 from rwkvinside.distill.stages import Stage
 from rwkvinside.errors import UserError
+from rwkvinside.modeling.teachers import compile_pointwise_blocks, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class Trainer:
         self.log = log
         if self.train.compile:
             model.compile_layers()
+            if teacher is not None:  # stage 2's frozen teacher: its norms and MLPs as the student's
+                compile_pointwise_blocks(teacher, family_of(teacher))
             if config.engine.kind == "deepspeed":
                 logger.warning("train.compile made DeepSpeed's stage-2 steps slower, not faster, on an H200 "
                                "(BENCHMARKS.md); consider train.compile=false")

@@ -22,8 +22,8 @@ from rwkvinside.modeling.attention import ForwardContext, RWKVAttention, cache_o
 from rwkvinside.modeling.configuration import RWKVInsideConfig
 from rwkvinside.modeling.decode import decoding_plan, recurrent_generate
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentCache, take_cache
-from rwkvinside.modeling.teachers import (AttentionGeometry, TeacherFamily, attention_of, decoder_layers,
-                                          family_for, pointwise_blocks, projection_biases, set_attention)
+from rwkvinside.modeling.teachers import (AttentionGeometry, TeacherFamily, attention_of, compile_pointwise_blocks,
+                                          decoder_layers, family_for, projection_biases, set_attention)
 from rwkvinside.modeling.time_mixer import RWKV7TimeMixer, TimeMixerConfig
 
 
@@ -125,15 +125,11 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
     def compile_layers(self, **options) -> None:
         """torch.compile the work around the state updates (`options` go to torch.compile): every
         converted layer's time mixer (RWKV7TimeMixer.compile_around_state_update says what and why)
-        and every decoder layer's norms and feed-forward block, whose elementwise steps (the norms'
-        half-dozen kernels, the MLP's activation times its gate) fuse. Layers of one shape share
-        their compiled code. A second call changes nothing."""
+        and every decoder layer's norms and feed-forward block (`compile_pointwise_blocks`). A second
+        call changes nothing."""
         for slot in self.converted_attention().values():
             slot.mixer.compile_around_state_update(**options)
-        for layer in decoder_layers(self, self.family):
-            for block in pointwise_blocks(layer, self.family):
-                if getattr(block, "_compiled_call_impl", None) is None:
-                    block.compile(**options)
+        compile_pointwise_blocks(self, self.family, **options)
 
     def new_cache(self) -> RecurrentCache:
         """An empty generation cache: recurrent states for the converted layers, keys/values for the rest."""

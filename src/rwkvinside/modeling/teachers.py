@@ -102,6 +102,16 @@ def pointwise_blocks(layer: nn.Module, family: TeacherFamily) -> list[nn.Module]
     return [getattr(layer, name) for name in (*family.norms, family.mlp)]
 
 
+def compile_pointwise_blocks(model: nn.Module, family: TeacherFamily, **options) -> None:
+    """torch.compile every decoder layer's norms and MLP (`options` go to torch.compile), where their
+    elementwise steps (a norm's half-dozen kernels, the MLP's activation times its gate) fuse. Layers
+    of one shape share their compiled code. A second call changes nothing."""
+    for layer in decoder_layers(model, family):
+        for block in pointwise_blocks(layer, family):
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile(**options)
+
+
 def attention_of(layer: nn.Module, family: TeacherFamily) -> nn.Module:
     return getattr(layer, family.attention)
 
