@@ -198,8 +198,9 @@ class TrainConfig:
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
     teacher_device: str = "same"  # stage 2's frozen teacher: "same" device or "cpu" (offloaded)
     loss_chunk: int = 256  # tokens per chunk of the LM head in the stage 2/3 losses
-    # torch.compile the work around the state updates (RWKVInsideForCausalLM.compile_layers): the time
-    # mixers' steps, the decoder layers' norms and MLPs; fewer, fused kernels; the first step pays the compilation
+    # torch.compile the work around the state updates: the time mixers' steps, the decoder layers' norms
+    # and MLPs (RWKVInsideForCausalLM.compile_layers; stage 2's teacher's too) and the stage 2-3 loss's
+    # chunks; fewer, fused kernels; the first step pays the compilation
     compile: bool = False
 
     def __post_init__(self):

@@ -33,8 +33,9 @@ def _add_model_options(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the layers' work around the state updates (fewer, fused GPU kernels "
-                        "a token; BENCHMARKS.md); the first tokens wait for the compilation")
+                   help="torch.compile the layers' work around the state updates: on an H200 a token of "
+                        "SmolLM2's student takes 2.45 ms instead of 5.1 (BENCHMARKS.md); the first tokens wait "
+                        "for the compilation")
 
 
 def add_generate(commands) -> None:
