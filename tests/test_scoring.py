@@ -140,6 +140,16 @@ def test_both_paths_equal_the_float64_reference(path, temperature, with_teacher,
         assert student_head.weight.grad is None
 
 
+def check_against_reference(scores, student_hidden, student_head, labels, teacher_hidden, teacher_head, weights):
+    """The scores, and the gradients their loss gives the hidden states and the head, as the float64 reference's."""
+    expected, grad_hidden, grad_weight = reference_with_grads(student_hidden, student_head, labels, teacher_hidden,
+                                                              teacher_head, **weights)
+    check_scores(scores, expected, teacher_hidden is not None, **F64)
+    scores.loss.backward()
+    torch.testing.assert_close(student_hidden.grad, grad_hidden, **F64)
+    torch.testing.assert_close(student_head.weight.grad, grad_weight, **F64)
+
+
 @pytest.mark.parametrize("with_teacher, kl_weight, ce_weight", [(True, 0.5, 0.3), (False, 0.0, 1.0)],
                          ids=["teacher", "no_teacher"])
 def test_the_compiled_fused_path_equals_the_float64_reference(with_teacher, kl_weight, ce_weight):
@@ -150,12 +160,7 @@ def test_the_compiled_fused_path_equals_the_float64_reference(with_teacher, kl_w
     weights = dict(temperature=2.0, kl_weight=kl_weight, ce_weight=ce_weight)
     scores = score(student_hidden, student_head, labels, teacher_hidden, teacher_head, chunk=CHUNK,
                    compiled=True, **weights)
-    expected, grad_hidden, grad_weight = reference_with_grads(student_hidden, student_head, labels, teacher_hidden,
-                                                              teacher_head, **weights)
-    check_scores(scores, expected, with_teacher, **F64)
-    scores.loss.backward()
-    torch.testing.assert_close(student_hidden.grad, grad_hidden, **F64)
-    torch.testing.assert_close(student_head.weight.grad, grad_weight, **F64)
+    check_against_reference(scores, student_hidden, student_head, labels, teacher_hidden, teacher_head, weights)
 
 
 @pytest.mark.parametrize("chunk", [L, CHUNK, 5, 1, 64], ids=lambda c: f"chunk{c}")
@@ -165,12 +170,7 @@ def test_chunking_does_not_change_the_result(path, chunk):
     weights = dict(temperature=2.0, kl_weight=0.7, ce_weight=0.3)
     scores = score(student_hidden, student_head, labels, teacher_hidden, teacher_head, chunk=chunk,
                    fused=PATHS[path], **weights)
-    expected, grad_hidden, grad_weight = reference_with_grads(student_hidden, student_head, labels, teacher_hidden,
-                                                              teacher_head, **weights)
-    check_scores(scores, expected, True, **F64)
-    scores.loss.backward()
-    torch.testing.assert_close(student_hidden.grad, grad_hidden, **F64)
-    torch.testing.assert_close(student_head.weight.grad, grad_weight, **F64)
+    check_against_reference(scores, student_hidden, student_head, labels, teacher_hidden, teacher_head, weights)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [
