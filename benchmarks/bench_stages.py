@@ -26,7 +26,9 @@ next tokens, a fixed seed):
   so every row trains the same tokens per optimizer step;
 - with --compile, each stage step again with `train.compile` (the work around the state updates
   compiled: the time mixers' steps, the norms and MLPs), right after the same step without it; "warmup_s" holds the untimed steps' seconds,
-  the first of which pays the compilation.
+  the first of which pays the compilation;
+- with --cuda-graph, each stage step again with `train.compile` and `train.cuda_graph` (the step
+  replayed from a CUDA graph; its untimed warm-up runs at least to the step that captures).
 
 Each runs --warmup steps (the first autotunes Triton kernels), then --steps timed steps, synchronised
 around each (the median is reported), then one step under torch.profiler: the device time under each
@@ -78,6 +80,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from rwkvinside.config import STAGE_DEFAULTS, Config, EngineConfig, TrainConfig, resolve_device
+from rwkvinside.distill.cuda_graph import WARMUP_STEPS
 from rwkvinside.distill.engine import (ADAM_BETAS, ADAM_EPS, PlainEngine, launched_world, leave_process_group,
                                       make_engine)
 from rwkvinside.distill.loop import Progress, Trainer, garbage_collected_between_steps
@@ -121,10 +124,13 @@ MEASUREMENTS = {  # key -> row label, in the order of the table
     "teacher_autocast": "teacher fine-tuning: fp32 weights, bf16 autocast",
     "stage1": "stage 1 (attention alignment)",
     "stage1_compiled": "stage 1, train.compile",
+    "stage1_graphed": "stage 1, train.compile + train.cuda_graph",
     "stage2_all": "stage 2, trainable=all",
     "stage2_all_compiled": "stage 2, trainable=all, train.compile",
+    "stage2_all_graphed": "stage 2, trainable=all, train.compile + train.cuda_graph",
     "stage2_mixers": "stage 2, trainable=mixers",
     "stage2_mixers_compiled": "stage 2, trainable=mixers, train.compile",
+    "stage2_mixers_graphed": "stage 2, trainable=mixers, train.compile + train.cuda_graph",
 }
 TEACHER_LR = 1e-5  # a full fine-tuning learning rate; the step's cost does not depend on it
 LOSS_TOLERANCE = 2e-2  # relative; bf16 runs on different process counts agree to about 1e-2
@@ -161,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="parts not to measure, to split a run over several commands (give each its own --out)")
     p.add_argument("--compile", action="store_true",
                    help="also measure each stage step with train.compile (after the same step without)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also measure each stage step with train.compile and train.cuda_graph (its profile "
+                        "shows the replayed graph's kernels without the code's labels)")
     p.add_argument("--rows", nargs="+", choices=list(MEASUREMENTS), default=[],
                    help="measure only these rows (default: all; the teacher's is every ratio's baseline)")
     p.add_argument("--deepspeed", action="store_true",
@@ -232,12 +241,13 @@ def make_world(args: argparse.Namespace) -> World:
 
 
 def run_config(args: argparse.Namespace, world: World, trainable: str, deepspeed: bool,
-               compiled: bool = False) -> Config:
+               variant: str = "eager") -> Config:
     """The distillation config of a measurement: the micro-batch per process (the global batch split
-    over the processes), a step budget for the schedule, the stages' own learning rates."""
-    total_steps = args.warmup + args.steps + 1  # + the profiled step
+    over the processes), a step budget for the schedule, the stages' own learning rates. variant:
+    "eager", "compiled" (train.compile) or "graphed" (train.compile and train.cuda_graph)."""
+    total_steps = warmup_steps(args, variant) + args.steps + 1  # + the profiled step
     train = TrainConfig(batch_size=args.batch_size // world.size, grad_accum=args.grad_accum, seed=args.seed,
-                        compile=compiled)
+                        compile=variant != "eager", cuda_graph=variant == "graphed")
     stages = {f"stage{n}": dataclasses.replace(STAGE_DEFAULTS[n](), max_steps=total_steps) for n in (1, 2)}
     stages["stage2"] = dataclasses.replace(stages["stage2"], trainable=trainable)
     engine = EngineConfig(kind="deepspeed" if deepspeed else "plain", zero_stage=2)
@@ -323,23 +333,28 @@ def trainer_step(stage: Stage, config: Config, student: nn.Module, teacher: nn.M
     return step
 
 
-def build_stage1(teacher: nn.Module, args: argparse.Namespace, world: World, compiled: bool = False) -> Step:
+def warmup_steps(args: argparse.Namespace, variant: str) -> int:
+    """--warmup, but at least up to the step that captures the CUDA graph, which is not timed."""
+    return max(args.warmup, WARMUP_STEPS + 1) if variant == "graphed" else args.warmup
+
+
+def build_stage1(teacher: nn.Module, args: argparse.Namespace, world: World, variant: str = "eager") -> Step:
     """Stage 1 as the pipeline builds it: the student shares the teacher's tensors and holds its
     attentions beside the time mixers."""
     torch.manual_seed(args.seed)  # the mixers' initialisation
     student = convert(teacher, ConversionSpec())
     attach_teacher_attention(student, teacher)
-    config = run_config(args, world, "mixers", False, compiled)
+    config = run_config(args, world, "mixers", False, variant)
     return trainer_step(STAGES[1], config, student, None, args, world)
 
 
 def build_stage2(teacher: nn.Module, trainable: str, args: argparse.Namespace, world: World,
-                 compiled: bool = False) -> Step:
+                 variant: str = "eager") -> Step:
     """Stage 2: a student with weights of its own (the pipeline loads stage 1's from its folder; here a
     converted copy of the teacher) beside the frozen teacher, which gives the logits."""
     torch.manual_seed(args.seed)
     student = convert(copy.deepcopy(teacher), ConversionSpec())  # the copy's attentions go with it
-    config = run_config(args, world, trainable, args.deepspeed, compiled)
+    config = run_config(args, world, trainable, args.deepspeed, variant)
     return trainer_step(STAGES[2], config, student, teacher, args, world)
 
 
@@ -435,7 +450,8 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
             if world.cuda:
                 torch.cuda.reset_peak_memory_stats(world.device)
             # the first warm-up step compiles (Triton, and torch.compile where asked)
-            losses, result["warmup_s"] = timed_steps(step, args.warmup, world.device)
+            warmup = warmup_steps(args, "graphed" if key.endswith("_graphed") else "eager")
+            losses, result["warmup_s"] = timed_steps(step, warmup, world.device)
             timed_losses, times = timed_steps(step, args.steps, world.device)
             losses += timed_losses
             loss, result["profile"] = profiled_step(step, world.device)
@@ -719,18 +735,22 @@ def run_model(model: str, args: argparse.Namespace, world: World, report: dict[s
         "attn_implementation": teacher.config._attn_implementation})
     plan: list[tuple[str, Callable[[], Step]]] = [
         ("stage1", lambda: build_stage1(teacher, args, world)),
-        ("stage1_compiled", lambda: build_stage1(teacher, args, world, compiled=True)),
+        ("stage1_compiled", lambda: build_stage1(teacher, args, world, "compiled")),
+        ("stage1_graphed", lambda: build_stage1(teacher, args, world, "graphed")),
         ("stage2_all", lambda: build_stage2(teacher, "all", args, world)),
-        ("stage2_all_compiled", lambda: build_stage2(teacher, "all", args, world, compiled=True)),
+        ("stage2_all_compiled", lambda: build_stage2(teacher, "all", args, world, "compiled")),
+        ("stage2_all_graphed", lambda: build_stage2(teacher, "all", args, world, "graphed")),
         ("stage2_mixers", lambda: build_stage2(teacher, "mixers", args, world)),
-        ("stage2_mixers_compiled", lambda: build_stage2(teacher, "mixers", args, world, compiled=True)),
+        ("stage2_mixers_compiled", lambda: build_stage2(teacher, "mixers", args, world, "compiled")),
+        ("stage2_mixers_graphed", lambda: build_stage2(teacher, "mixers", args, world, "graphed")),
         ("teacher", lambda: build_teacher_finetune(teacher, args, world)),
         ("teacher_autocast", lambda: build_teacher_autocast(teacher, args, world)),
     ]
     for key, build in plan:
         if "steps" in args.skip or (args.deepspeed and not key.startswith("stage2")):
             continue  # DeepSpeed: the stage-2 steps only
-        if (key.endswith("_compiled") and not args.compile) or (args.rows and key not in args.rows):
+        if ((key.endswith("_compiled") and not args.compile) or (key.endswith("_graphed") and not args.cuda_graph)
+                or (args.rows and key not in args.rows)):
             continue
         report["measurements"][key] = measure(key, build, args, world)
         save()

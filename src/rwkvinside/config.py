@@ -202,6 +202,9 @@ class TrainConfig:
     # and MLPs (RWKVInsideForCausalLM.compile_layers; stage 2's teacher's too) and the stage 2-3 loss's
     # chunks; fewer, fused kernels; the first step pays the compilation
     compile: bool = False
+    # replay each optimizer step from a CUDA graph captured at the third step (one process on a GPU;
+    # packed batches): the host's Python and kernel launches, which bound a small model's step, go away
+    cuda_graph: bool = True
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_bad_steps", "loss_chunk"):

@@ -104,17 +104,21 @@ def test_updates_below_the_bf16_spacing_accumulate_in_the_master_weights():
 
 
 def test_steps_follow_adamw_on_float32_copies_also_when_a_parameter_gets_no_gradient():
-    """Several steps with changing gradients, the second of which leaves one parameter without a
-    gradient: the master weights follow torch's AdamW stepped on float32 copies with float32
-    gradients, and the parameter without a gradient is skipped, as AdamW skips it."""
+    """Several steps with changing gradients, learning rates and weight decays, the second of which
+    leaves the matrix without a gradient: the master weights follow torch's AdamW stepped on float32
+    copies with float32 gradients, the matrix decaying and the vector not; the parameter without a
+    gradient is skipped, decay included, as AdamW skips it."""
     generator = torch.Generator().manual_seed(0)
-    weights = [nn.Parameter(torch.randn(n, generator=generator).to(torch.bfloat16)) for n in (5, 7)]
+    weights = [nn.Parameter(torch.randn(shape, generator=generator).to(torch.bfloat16)) for shape in ((5, 3), (7,))]
     references = [nn.Parameter(w.detach().float()) for w in weights]
     engine = PlainEngine({"a": weights[0], "b": weights[1]}, TrainConfig(grad_clip=0.0), CPU)
-    reference = torch.optim.AdamW(references, lr=1e-2, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
-    engine.set_schedule(1e-2, 0.0)
-    for step in range(4):
-        trained = [0] if step == 1 else [0, 1]
+    reference = torch.optim.AdamW([{"params": references[:1]}, {"params": references[1:], "weight_decay": 0.0}],
+                                  betas=ADAM_BETAS, eps=ADAM_EPS)
+    for step, (lr, weight_decay) in enumerate([(1e-2, 0.1), (2e-2, 0.5), (5e-3, 0.2), (1e-2, 0.0)]):
+        engine.set_schedule(lr, weight_decay)
+        reference.param_groups[0].update(lr=lr, weight_decay=weight_decay)
+        reference.param_groups[1].update(lr=lr)
+        trained = [1] if step == 1 else [0, 1]
         gradients = {i: torch.randn(weights[i].shape, generator=generator) for i in trained}
         engine.backward(sum((weights[i].float() * gradients[i]).sum() for i in trained))
         engine.finish_step()

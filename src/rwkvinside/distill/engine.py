@@ -45,10 +45,12 @@ def param_groups(params: list[Tensor], lr_scales: list[float]) -> list[dict[str,
             for (decays, scale), group in sorted(groups.items(), reverse=True)]
 
 
-def make_optimizer(params: list[Tensor], lr_scales: list[float]) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Tensor], lr_scales: list[float], capturable: bool = False) -> torch.optim.Optimizer:
     """torch's fused AdamW (on the CPU too): one kernel for all parameters, and it honours
-    `found_inf`, which lets a step be skipped without reading anything back to the host."""
-    return torch.optim.AdamW(param_groups(params, lr_scales), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    `found_inf`, which lets a step be skipped without reading anything back to the host.
+    capturable: the step may be captured in a CUDA graph (its step counts stay on the device)."""
+    return torch.optim.AdamW(param_groups(params, lr_scales), lr=0.0, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True,
+                             capturable=capturable)
 
 
 class Engine:
@@ -64,6 +66,11 @@ class Engine:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a step (backward() calls and finish_step) can be captured in a CUDA graph."""
+        return False
 
     def set_schedule(self, lr: float, weight_decay: float) -> None:
         for group in self.optimizer.param_groups:
@@ -90,6 +97,12 @@ class PlainEngine(Engine):
     float32 copy of every trained parameter that is not float32 already, and each step writes the
     copy back into the model's weight; the model computes in its own dtype. Float32 parameters are
     their own master weights.
+
+    A step can be captured in a CUDA graph and replayed (distill/cuda_graph.py): nothing in it reads
+    back to the host, and every tensor it keeps from step to step (master weights and their
+    gradients, the optimizer's state, the learning rates and the weight decay) is allocated once and
+    updated in place. So the schedule lives in device tensors, and the decoupled weight decay, which
+    fused AdamW takes only as a number, is applied here, as AdamW would apply it.
     """
 
     def __init__(self, trainable: dict[str, nn.Parameter], train: TrainConfig, device: torch.device,
@@ -100,12 +113,31 @@ class PlainEngine(Engine):
         self.grad_clip = train.grad_clip
         self.params = list(trainable.values())
         self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
-        # The parameters that have a copy of their own, and those copies.
+        # The parameters that have a copy of their own, and those copies with their gradients.
         self.copied = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        self.master_grads = [torch.zeros_like(m) for _, m in self.copied]
         self.own_masters = [p for p, m in zip(self.params, self.masters) if m is p]
         scales = [1.0 if lr_scales is None else lr_scales[name] for name in trainable]
-        self.optimizer = make_optimizer(self.masters, scales)
+        self.optimizer = make_optimizer(self.masters, scales, capturable=device.type == "cuda")
+        self._schedule_in_tensors()
+        self.weight_decay = torch.zeros((), device=device)
         self._losses_finite = torch.ones((), dtype=torch.bool, device=device)
+
+    @property
+    def capturable(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _schedule_in_tensors(self) -> None:
+        """Each group's learning rate as a float32 device tensor (fused AdamW reads it there), and no
+        weight decay inside AdamW (finish_step applies it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.device).clone()
+            group["weight_decay"] = 0.0
+
+    def set_schedule(self, lr: float, weight_decay: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr * group["lr_scale"])
+        self.weight_decay.fill_(weight_decay)
 
     def backward(self, loss: Tensor) -> None:
         self._losses_finite &= torch.isfinite(loss.detach())
@@ -113,9 +145,9 @@ class PlainEngine(Engine):
 
     @record_function("optimizer")
     def finish_step(self) -> tuple[Tensor, Tensor]:
-        """Clip and step; returns (gradient norm before clipping, whether the step was applied), both
-        on the device. A step with a non-finite loss or gradient changes neither the weights nor the
-        optimizer state: fused AdamW skips itself on `found_inf`, with no sync to the host."""
+        """Clip, decay and step; returns (gradient norm before clipping, whether the step was applied),
+        both on the device. A step with a non-finite loss or gradient changes neither the weights nor
+        the optimizer state: fused AdamW skips itself on `found_inf`, the decay multiplies by 1."""
         self._gradients_to_masters()
         stepped = [m for m in self.masters if m.grad is not None]
         norm = (torch.nn.utils.get_total_norm([m.grad for m in stepped]) if stepped
@@ -123,6 +155,7 @@ class PlainEngine(Engine):
         applied = torch.isfinite(norm) & self._losses_finite
         if self.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(stepped, self.grad_clip, norm)
+        self._decay_weights(applied)
         self.optimizer.found_inf = (~applied).float()
         self.optimizer.step()
         if self.copied:
@@ -130,26 +163,41 @@ class PlainEngine(Engine):
                 torch._foreach_copy_([p for p, _ in self.copied], [m for _, m in self.copied])
         for param in self.own_masters:  # a copy's gradient stays, to be overwritten next step
             param.grad = None
-        self._losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._losses_finite.fill_(True)
         return norm, applied
 
+    @torch.no_grad()
+    def _decay_weights(self, applied: Tensor) -> None:
+        """AdamW's decoupled weight decay, w <- w (1 - lr wd), on the matrices that step: AdamW applies
+        it just before its update, to the parameters that have a gradient."""
+        for group in self.optimizer.param_groups:
+            decayed = [p for p in group["params"] if p.grad is not None] if group["decays"] else []
+            if decayed:
+                factor = torch.where(applied, 1 - group["lr"] * self.weight_decay, 1.0)
+                torch._foreach_mul_(decayed, factor)
+
     def _gradients_to_masters(self) -> None:
-        """Each copied parameter's gradient into its master's float32 gradient, which is kept from step
-        to step: one multi-tensor copy, not one conversion (and allocation) per parameter, which on a
-        GPU costs the host more time than the kernels take. A parameter without a gradient this step
-        leaves its master without one too (the optimizer then skips it)."""
+        """Each copied parameter's gradient into its master's float32 gradient, allocated once: one
+        multi-tensor copy, not one conversion (and allocation) per parameter, which on a GPU costs
+        the host more time than the kernels take. A parameter without a gradient this step leaves its
+        master without one too (the optimizer then skips it)."""
         kept, sources = [], []
-        for param, master in self.copied:
+        for (param, master), buffer in zip(self.copied, self.master_grads):
             if param.grad is None:
                 master.grad = None
-            elif master.grad is None:
-                master.grad = param.grad.float()
             else:
-                kept.append(master.grad)
+                master.grad = buffer
+                kept.append(buffer)
                 sources.append(param.grad)
             param.grad = None
         if kept:
             torch._foreach_copy_(kept, sources)
+
+    def discard_step(self) -> None:
+        """Forget a step begun but never run (a capture that failed): its gradients and finiteness."""
+        for param in self.params:
+            param.grad = None
+        self._losses_finite.fill_(True)
 
     def save(self, folder: Path) -> None:
         """The master weights (float32: what resuming needs to continue exactly) and the optimizer."""
@@ -174,6 +222,7 @@ class PlainEngine(Engine):
                     param.copy_(master)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
+        self._schedule_in_tensors()  # a checkpoint's groups replace ours
 
 
 class DeepSpeedEngine(Engine):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rwkvinside.config import Config, StageConfig
+from rwkvinside.distill.cuda_graph import CapturedStep
 from rwkvinside.distill.checkpoint import save_checkpoint
 from rwkvinside.distill.engine import Engine
 from rwkvinside.distill.metrics import RunLog
@@ -114,6 +115,10 @@ class Trainer:
         self.engine = engine
         self.folder = folder
         self.log = log
+        # Each step replayed from a CUDA graph: one process on a GPU, the teacher there too.
+        capturable = self.train.cuda_graph and engine.capturable and (
+            teacher is None or teacher.get_input_embeddings().weight.device.type == engine.device.type)
+        self.captured = CapturedStep(self.step_on_device, engine.discard_step) if capturable else None
         if self.train.compile:
             model.compile_layers()
             if teacher is not None:  # stage 2's frozen teacher: its norms and MLPs as the student's
@@ -131,19 +136,27 @@ class Trainer:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def step(self, progress: Progress) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns the logged record.
-
-        The loss is the mean over the step's trained tokens, on every process and in every
-        micro-batch together: micro-batches (or processes) with more targets weigh more, as they
-        would in one big batch. The engines average gradients over micro-batches and processes;
-        `weight` turns that average into the mean over the step's tokens. Nothing is read back to
-        the host until the step is done, and then everything at once.
-        """
+        """One optimizer step over grad_accum micro-batches; returns the logged record."""
         if progress.step % COLLECT_GARBAGE_EVERY == 0:
             gc.collect(1)
         lr, weight_decay = schedule(progress, self.stage_config)
         self.engine.set_schedule(lr, weight_decay)
         batches = [self._micro_batch() for _ in range(self.train.grad_accum)]
+        packed = not any("attention_mask" in batch for batch in batches)  # what a captured step is made of
+        on_device = (self.captured if self.captured and packed else self.step_on_device)(batches)
+        record = dict(zip(on_device, torch.stack([x.double() for x in on_device.values()]).tolist()))
+        record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay,
+                      tokens_in_step=int(record["tokens_in_step"]), applied=bool(record["applied"]))
+        return record
+
+    def step_on_device(self, batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The step's work on the device, the record as 0-dim device tensors: what a CUDA graph captures.
+
+        The loss is the mean over the step's trained tokens, on every process and in every
+        micro-batch together: micro-batches (or processes) with more targets weigh more, as they
+        would in one big batch. The engines average gradients over micro-batches and processes;
+        `weight` turns that average into the mean over the step's tokens.
+        """
         tokens = self.engine.all_reduce_sum(sum(self.stage.count_tokens(batch) for batch in batches))
         divisor = tokens.clamp(min=1).float()  # a step without targets trains nothing, divides by 1
         weight = self.train.grad_accum * self.engine.world_size / divisor
@@ -156,12 +169,8 @@ class Trainer:
         grad_norm, applied = self.engine.finish_step()
         keys = sorted(sums)
         totals = self.engine.all_reduce_sum(torch.stack([sums[key] for key in keys])) / divisor
-        read = torch.cat([totals.double(), torch.stack([grad_norm, applied, tokens]).double()]).tolist()
-        record = dict(zip(keys, read))
-        grad_norm, applied, tokens = read[len(keys):]
-        record.update(step=progress.step + 1, lr=lr, weight_decay=weight_decay, grad_norm=grad_norm,
-                      tokens_in_step=int(tokens), applied=bool(applied))
-        return record
+        return dict(zip(keys, totals.unbind())) | {"grad_norm": grad_norm, "applied": applied,
+                                                  "tokens_in_step": tokens}
 
     def run(self, progress: Progress) -> Progress:
         with garbage_collected_between_steps():

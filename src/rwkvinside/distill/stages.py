@@ -34,7 +34,8 @@ class StepLoss:
 def real_tokens(batch: dict[str, Tensor]) -> Tensor:
     """Stage 1 aligns every real (non-padding) position."""
     mask = batch.get("attention_mask")
-    return batch["input_ids"].new_tensor(batch["input_ids"].numel()) if mask is None else mask.sum()
+    ids = batch["input_ids"]
+    return ids.new_full((), ids.numel()) if mask is None else mask.sum()  # a fill, no copy from the host
 
 
 def alignment_step(model: RWKVInsideForCausalLM, teacher: nn.Module | None, batch: dict[str, Tensor],
