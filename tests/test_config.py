@@ -43,6 +43,7 @@ OVERRIDES = {
     "train.teacher_device": ("cpu", "cpu"),
     "train.loss_chunk": ("64", 64),
     "train.compile": ("true", True),
+    "train.cuda_graph": ("false", False),
     "checkpoint.save_every": ("25", 25),
     "checkpoint.keep_last": ("5", 5),
     "log.progress": ("false", False),

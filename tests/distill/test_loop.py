@@ -13,8 +13,8 @@ from torch._dynamo.utils import counters
 
 from rwkvinside.config import Config, EngineConfig, StageConfig, TrainConfig
 from rwkvinside.distill import loop
-from rwkvinside.distill.engine import PlainEngine
-from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, ended_by, schedule
+from rwkvinside.distill.engine import DeepSpeedEngine, PlainEngine
+from rwkvinside.distill.loop import Progress, Trainer, budget_fraction, captures_steps, ended_by, schedule
 from rwkvinside.distill.metrics import RunLog, read_log
 from rwkvinside.distill.stages import STAGES, Stage, StepLoss
 from rwkvinside.errors import UserError
@@ -441,3 +441,22 @@ def test_automatic_garbage_collection_is_off_during_a_stage_and_back_after(tmp_p
     _, records = run(regression_trainer(tmp_path, step))
     assert len(records) == 6 and seen == [False] * 6 and gc.isenabled()
     assert collected == [1, 1, 1]  # before steps 1, 3 and 5
+
+
+# ---- train.cuda_graph -----------------------------------------------------------------------------
+
+def model_on(device: torch.device) -> SimpleNamespace:
+    """What captures_steps reads of a teacher: where its input embedding lives."""
+    return SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=SimpleNamespace(device=device)))
+
+
+def test_steps_are_captured_only_by_one_process_on_a_gpu_with_the_teacher_there():
+    """Where the step could not be replayed whole, it runs eagerly: DeepSpeed (collectives and its own
+    step), the CPU, or a teacher offloaded to the CPU, whose work would run once, at capture."""
+    on_gpu = SimpleNamespace(capturable=True, device=torch.device("cuda"))
+    assert captures_steps(Config(), on_gpu, None)
+    assert captures_steps(Config(), on_gpu, model_on(torch.device("cuda", 0)))
+    assert not captures_steps(Config(train=TrainConfig(cuda_graph=False)), on_gpu, None)
+    assert not captures_steps(Config(), on_gpu, model_on(CPU))
+    assert not captures_steps(Config(), PlainEngine({"w": nn.Parameter(torch.ones(2))}, TrainConfig(), CPU), None)
+    assert not DeepSpeedEngine.__new__(DeepSpeedEngine).capturable

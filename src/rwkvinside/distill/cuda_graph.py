@@ -19,6 +19,7 @@ What capture asks of the step, and how the step meets it:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -50,11 +51,12 @@ class CapturedStep:
         self.step = step
         self.discard = discard
         self.warmup = warmup
-        self.stream = torch.cuda.Stream()
+        self.stream: torch.cuda.Stream | None = None  # made on first use, on the current device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: Batches = []
         self.outputs: dict[str, Tensor] = {}
         self.failed = False
+        self.replays = 0
 
     def __call__(self, batches: Batches) -> dict[str, Tensor]:
         if self.graph is not None and shapes(batches) == shapes(self.inputs):
@@ -68,9 +70,15 @@ class CapturedStep:
             return self._replay(batches)
         return self.step(batches)
 
+    def release(self) -> None:
+        """Give the graph and its memory back (the stage's activations live in it); a later call
+        captures again."""
+        self.graph, self.inputs, self.outputs = None, [], {}
+
     def _on_capture_stream(self, batches: Batches) -> dict[str, Tensor]:
         """An eager step on the stream that will capture: some libraries set up per-stream state on
         first use, which must not happen during capture."""
+        self.stream = self.stream or torch.cuda.Stream()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             outputs = self.step(batches)
@@ -78,8 +86,10 @@ class CapturedStep:
         return outputs
 
     def _capture(self, batches: Batches) -> bool:
+        self.stream = self.stream or torch.cuda.Stream()
         self.inputs = [{key: x.clone() for key, x in batch.items()} for batch in batches]
         graph = torch.cuda.CUDAGraph()
+        started = time.monotonic()
         try:
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 outputs = self.step(self.inputs)
@@ -90,6 +100,8 @@ class CapturedStep:
             self.failed, self.inputs = True, []
             return False
         self.graph, self.outputs = graph, outputs
+        logger.info("training step captured in a CUDA graph (%.1f s); replaying it from now on",
+                    time.monotonic() - started)
         return True
 
     def _replay(self, batches: Batches) -> dict[str, Tensor]:
@@ -97,4 +109,5 @@ class CapturedStep:
             for key, x in static.items():
                 x.copy_(batch[key], non_blocking=True)
         self.graph.replay()
+        self.replays += 1
         return self.outputs

@@ -7,7 +7,8 @@
         log; save a checkpoint when due
 
 The loop is engine-agnostic and stage-agnostic: the Stage computes the loss, the Engine owns the
-optimizer and the process group.
+optimizer and the process group. Where it can, the loop replays each step from a CUDA graph
+(cuda_graph.py): the same work, without the host's Python in between.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from rwkvinside.config import Config, StageConfig
-from rwkvinside.distill.cuda_graph import CapturedStep
 from rwkvinside.distill.checkpoint import save_checkpoint
+from rwkvinside.distill.cuda_graph import CapturedStep
 from rwkvinside.distill.engine import Engine
 from rwkvinside.distill.metrics import RunLog
 from rwkvinside.distill.stages import Stage
@@ -96,6 +97,15 @@ def schedule(progress: Progress, stage: StageConfig) -> tuple[float, float]:
     return lr, weight_decay
 
 
+def captures_steps(config: Config, engine: Engine, teacher: nn.Module | None) -> bool:
+    """Whether the steps replay from a CUDA graph: train.cuda_graph, an engine whose step can be
+    captured (one process on a GPU), and stage 2's teacher on that GPU too (work on the CPU would
+    run once, at capture, and never again)."""
+    teacher_device = None if teacher is None else teacher.get_input_embeddings().weight.device
+    return (config.train.cuda_graph and engine.capturable
+            and (teacher_device is None or teacher_device.type == engine.device.type))
+
+
 class Trainer:
     """Runs one stage's optimisation until its budget is spent.
 
@@ -115,10 +125,8 @@ class Trainer:
         self.engine = engine
         self.folder = folder
         self.log = log
-        # Each step replayed from a CUDA graph: one process on a GPU, the teacher there too.
-        capturable = self.train.cuda_graph and engine.capturable and (
-            teacher is None or teacher.get_input_embeddings().weight.device.type == engine.device.type)
-        self.captured = CapturedStep(self.step_on_device, engine.discard_step) if capturable else None
+        self.captured = (CapturedStep(self.step_on_device, engine.discard_step)
+                         if captures_steps(config, engine, teacher) else None)
         if self.train.compile:
             model.compile_layers()
             if teacher is not None:  # stage 2's frozen teacher: its norms and MLPs as the student's
@@ -174,7 +182,11 @@ class Trainer:
 
     def run(self, progress: Progress) -> Progress:
         with garbage_collected_between_steps():
-            return self._run(progress)
+            try:
+                return self._run(progress)
+            finally:
+                if self.captured:  # what follows the stage (evaluation, saving) needs the memory
+                    self.captured.release()
 
     def _run(self, progress: Progress) -> Progress:
         self.model.train()
