@@ -78,3 +78,27 @@ def test_bench_decode_dry_run(tmp_path):
     assert len(states) == 1
     caches = [row["teacher"]["cache_mb"] for row in rows if row["batch"] == rows[0]["batch"]]
     assert caches == sorted(caches) and caches[0] < caches[-1]
+
+
+@pytest.mark.slow  # one distillation of a tiny teacher in a Python process: ~30 s on 2 cores
+def test_probe_gradients_names_the_parameters_and_tokens_of_each_step(tmp_path, tiny_tokenizer):
+    from conftest import TRAINING_TEXT, build_tiny_teacher
+
+    teacher = tmp_path / "teacher"
+    build_tiny_teacher("llama", num_layers=2).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TRAINING_TEXT * 3), encoding="utf-8")
+    script = ROOT / "benchmarks" / "probe_gradients.py"
+    out = subprocess.run([sys.executable, str(script), "--top", "2", "distill", "--teacher", str(teacher),
+                          "--data", str(corpus), "--output", str(tmp_path / "run"), "--stage", "all",
+                          "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "data.eval_tokens=0",
+                          "log.progress=false"],
+                         check=True, cwd=ROOT, timeout=600, capture_output=True, text=True).stdout
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    parameters = [line for line in steps if " parameters: total " in line]
+    assert len(parameters) == 2 + 2  # stage 1, then stage 2
+    assert all(line.count("model.layers.") == 2 for line in parameters)  # --top 2
+    # Stage 1's first converted layer passes the teacher's output on: no gradient reaches it there.
+    tokens = [line for line in steps if " tokens at layer 0's output: median " in line]
+    assert len(tokens) == 2 and all(line.count("(") == 3 for line in tokens)  # "(row, position)" + 2
