@@ -59,7 +59,6 @@ import copy
 import dataclasses
 import gc
 import importlib.metadata
-import inspect
 import json
 import logging
 import os
@@ -610,24 +609,21 @@ class Wkv7Variant:
     call: Callable[..., tuple[Tensor, Tensor | None]]  # (r, w, k, v, a, b) -> (output, state)
     layers_per_call: int = 1  # > 1: that many layers' heads stacked in one call
     calls_fla: bool = False  # calls fla directly (not through the dispatcher): CUDA only
-    unsupported: str | None = None  # why it cannot run with this checkout's src/
 
 
 def wkv7_variants(layers: int) -> list[Wkv7Variant]:
     floor = -MAX_LOG_DECAY  # RWKV-7's bound on the log decay: the dispatcher passes RWKV7_CHUNK_OPTIONS
-    # fla's disable_recompute keeps the forward's intermediates for the backward instead of recomputing
-    # them; our adapter forwards it only once its signature has it.
-    takes_recompute = "disable_recompute" in inspect.signature(wkv7_fla_chunk).parameters
+    # The dispatcher has fla keep the forward's intermediates for the backward (disable_recompute); the
+    # last variant recomputes them, as fla does by default.
     return [
         Wkv7Variant("fla defaults (decay_floor=None)", lambda *x: wkv7(*x, scale=1.0)),
         Wkv7Variant("decay_floor=-exp(-0.5): RWKV7_CHUNK_OPTIONS",
                     lambda *x: wkv7(*x, scale=1.0, decay_floor=floor)),
         Wkv7Variant(f"the same, {layers} layers' heads in one call (stage 1)",
                     lambda *x: wkv7(*x, scale=1.0, decay_floor=floor), layers_per_call=layers),
-        Wkv7Variant("RWKV7_CHUNK_OPTIONS + disable_recompute=True (wkv7_fla_chunk)",
-                    lambda *x: wkv7_fla_chunk(*x, scale=1.0, **RWKV7_CHUNK_OPTIONS, disable_recompute=True),
-                    calls_fla=True,
-                    unsupported=None if takes_recompute else "wkv7_fla_chunk takes no disable_recompute"),
+        Wkv7Variant("RWKV7_CHUNK_OPTIONS, recomputing in the backward (wkv7_fla_chunk)",
+                    lambda *x: wkv7_fla_chunk(*x, scale=1.0, **RWKV7_CHUNK_OPTIONS, disable_recompute=False),
+                    calls_fla=True),
     ]
 
 
@@ -638,12 +634,9 @@ def wkv7_benchmark(geometry: AttentionGeometry, args: argparse.Namespace, world:
     heads, head_size, layers = geometry.num_heads, geometry.head_dim, geometry.num_layers
     results: dict[str, Any] = {}
     for index, variant in enumerate(wkv7_variants(layers)):
-        reasons = (["skipped (no CUDA)"] if variant.calls_fla and not world.cuda else []) + (
-            [variant.unsupported] if variant.unsupported else [])
-        if reasons:
-            skipped = "; ".join(reasons)
-            logger.info("wkv7 %s: %s", variant.name, skipped)
-            results[variant.name] = {"skipped": skipped}
+        if variant.calls_fla and not world.cuda:
+            logger.info("wkv7 %s: skipped (no CUDA)", variant.name)
+            results[variant.name] = {"skipped": "skipped (no CUDA)"}
             continue
         free_memory(world.device)
         per_call = variant.layers_per_call

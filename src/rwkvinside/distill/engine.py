@@ -118,7 +118,7 @@ class PlainEngine(Engine):
         self.master_grads = [torch.zeros_like(m) for _, m in self.copied]
         self.own_masters = [p for p, m in zip(self.params, self.masters) if m is p]
         scales = [1.0 if lr_scales is None else lr_scales[name] for name in trainable]
-        self.optimizer = make_optimizer(self.masters, scales, capturable=device.type == "cuda")
+        self.optimizer = make_optimizer(self.masters, scales, capturable=self.capturable)
         self._schedule_in_tensors()
         self.weight_decay = torch.zeros((), device=device)
         self._losses_finite = torch.ones((), dtype=torch.bool, device=device)
