@@ -12,7 +12,9 @@ every step (rows that ended keep stepping until all have, or the step budget is 
 teacher (SmolLM2-135M's shape) rarely ends a row, so its sampled tokens are its slots. Shard
 writing (decoding the ids to text, Parquet) is timed apart, once per batch size. The teacher's
 forward throughput is a no-grad forward of --forward-batch x 2048 tokens, logits included, as
-distillation runs it.
+distillation runs it. `--attention kernel torch` times each batch size twice, the decoding steps'
+attention through the Triton kernel (what synth runs on CUDA) and through the two matrix products it
+replaced (`rwkvinside.ops.decode_attention`), side by side.
 
 Writes bench_synth.json to --out (default $OUT, else ./bench_out) and prints it.
 """
@@ -20,6 +22,8 @@ Writes bench_synth.json to --out (default $OUT, else ./bench_out) and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import os
@@ -40,6 +44,7 @@ from rwkvinside.modeling.decode import DecodingPlan
 from rwkvinside.modeling.loading import embedded_teacher_path, load_teacher
 
 logger = logging.getLogger("bench_synth")
+decode_attention = importlib.import_module("rwkvinside.ops.decode_attention")
 
 FORWARD_TOKENS = 2048  # tokens per row of the forward-throughput measurement
 # SmolLM2-135M's architecture, for `--teacher random`, and a tiny one for --dry-run.
@@ -60,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2_000_000,
                    help="sampled tokens to time per batch size (about)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--attention", nargs="+", choices=("kernel", "torch"), default=["kernel"],
+                   help="the decoding steps' attention: the Triton kernel (CUDA's default) and/or the torch path")
     p.add_argument("--forward-batch", type=int, default=16,
                    help="rows of 2048 tokens in the forward measurement")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="output folder")
@@ -87,6 +94,18 @@ def build_teacher(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mo
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **(TINY if args.dry_run else SMOLLM2))
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def torch_attention_only(active: bool):
+    """While active, the decoding attention takes its torch path on CUDA too (the baseline row)."""
+    kernel_allowed = decode_attention.triton_available
+    if active:
+        decode_attention.triton_available = lambda: False
+    try:
+        yield
+    finally:
+        decode_attention.triton_available = kernel_allowed
 
 
 def _sync(device: torch.device) -> None:
@@ -159,8 +178,11 @@ def main() -> None:
                                "torch": torch.__version__, "new_tokens": args.new_tokens,
                                "temperature": args.temperature, "sampling": []}
     for batch in args.batch_sizes:
-        results["sampling"].append(sampling(model, tokenizer, pool, batch, args, device))
-        logger.info("%s", results["sampling"][-1])
+        for attention in args.attention:
+            with torch_attention_only(attention == "torch"):
+                results["sampling"].append({"attention": attention,
+                                            **sampling(model, tokenizer, pool, batch, args, device)})
+            logger.info("%s", results["sampling"][-1])
     length = 128 if args.dry_run else FORWARD_TOKENS
     results["forward"] = forward_throughput(model, args.forward_batch, length, device)
     out = Path(args.out)

@@ -15,7 +15,8 @@ row's own slots from its first prompt token up to the query's slot. Positions co
 first prompt token, so a padded row computes what the same prompt alone would. With a mask,
 transformers' sdpa attention copies every key/value head once per query head that reads it, which
 made a step several times slower than reading the cache (SmolLM2-135M on an H200: ~30k tokens/s
-at batch 2048): `grouped_query_attention` reads the cache once per decoding step instead.
+at batch 2048): `grouped_query_attention` reads the cache once per decoding step instead, on CUDA
+through a Triton kernel that loads only the slots each row sees (`rwkvinside.ops.decode_attention`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers.masking_utils import sdpa_mask
 from rwkvinside.errors import UserError
 from rwkvinside.modeling.decode import FINISH_CHECK_EVERY, ChosenTokens, DecodingPlan, capture
 from rwkvinside.modeling.state import CACHE_KEYWORD
+from rwkvinside.ops.decode_attention import masked_decode_attention
 
 ATTENTION = "rwkvinside_grouped_sdpa"  # the name `grouped_query_attention` is registered under
 
@@ -139,25 +141,17 @@ class BatchSampler:
 def grouped_query_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                             attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                             **kwargs) -> tuple[Tensor, None]:
-    """transformers' sdpa attention, except for one query token per row with grouped key/value heads:
-    the G query heads that share a key/value head are multiplied with its keys and values as G rows,
-    so the cache is read once, as it is, rather than copied G times first. query [B, H, T, D], key and
-    value [B, H/G, L, D], attention_mask [B, 1, T, L] (True: seen) -> ([B, T, H, D], None).
-
-    Two plain matrix products rather than sdpa: the memory traffic is the cache read once on any
-    device, where sdpa's choice of kernel for a masked, 3-query call varies (its math fallback copies
-    the cache in float32)."""
+    """transformers' sdpa attention, except for one query token per row under a mask (every decoding
+    step): `masked_decode_attention`, which reads the cache once, as it is, and on CUDA only the slots
+    a row sees. query [B, H, T, D], key and value [B, H/G, L, D], attention_mask [B, 1, T, L] (True:
+    seen) -> ([B, T, H, D], None)."""
     batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    if length > 1 or heads == kv_heads or attention_mask is None:  # sdpa copies nothing without a mask
+    if length > 1 or attention_mask is None:  # sdpa copies nothing without a mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query head h reads key/value head h//G
     scale = dim ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, H/G, G, L]
-    weights = scores.masked_fill(~attention_mask, float("-inf")).softmax(-1)  # [B, H/G, G, L]
-    output = torch.matmul(weights.to(value.dtype), value)  # [B, H/G, G, D]
-    return output.reshape(batch, 1, heads, dim), None
+    seen = attention_mask[:, 0, 0].expand(batch, -1)  # [B, L]
+    return masked_decode_attention(query[:, :, 0], key, value, seen, scale)[:, None], None
 
 
 def check_context(config, max_len: int) -> None:
