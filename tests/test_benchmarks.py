@@ -102,3 +102,16 @@ def test_probe_gradients_names_the_parameters_and_tokens_of_each_step(tmp_path, 
     # Stage 1's first converted layer passes the teacher's output on: no gradient reaches it there.
     tokens = [line for line in steps if " tokens at layer 0's output: median " in line]
     assert len(tokens) == 2 and all(line.count("(") == 3 for line in tokens)  # "(row, position)" + 2
+
+
+@pytest.mark.slow  # one Python process that imports torch and transformers: ~15 s on 2 cores
+def test_bench_synth_dry_run_times_each_attention(tmp_path):
+    script = ROOT / "benchmarks" / "bench_synth.py"
+    subprocess.run([sys.executable, str(script), "--dry-run", "--attention", "torch", "kernel", "--out",
+                    str(tmp_path)], check=True, cwd=ROOT, timeout=300)
+    report = json.loads((tmp_path / "bench_synth.json").read_text())
+    rows = [(row["batch"], row["attention"]) for row in report["sampling"]]
+    assert rows == [(2, "torch"), (2, "kernel"), (4, "torch"), (4, "kernel")]
+    assert all(row["sampled_tokens_per_s"] > 0 and row["slots_per_s"] >= row["sampled_tokens_per_s"]
+               for row in report["sampling"])
+    assert report["forward"]["tokens_per_s"] > 0
