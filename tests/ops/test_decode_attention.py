@@ -7,7 +7,11 @@ import importlib
 import pytest
 import torch
 
-from rwkvinside.ops.decode_attention import masked_decode_attention, masked_decode_attention_torch, triton_available
+from rwkvinside.ops.decode_attention import (
+    masked_decode_attention,
+    masked_decode_attention_torch,
+    triton_available,
+)
 
 decode_attention_module = importlib.import_module("rwkvinside.ops.decode_attention")
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()),
@@ -89,7 +93,8 @@ def test_shapes_that_do_not_fit_are_refused(shapes, problem):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3),
+                                              (torch.bfloat16, 1.5e-2)])
 @pytest.mark.parametrize("heads, kv_heads, length, dim", [(9, 3, 512, 64), (9, 3, 300, 64), (4, 4, 70, 32),
                                                           (14, 2, 129, 128), (7, 1, 64, 16)])
 def test_triton_kernel_is_the_reference(dtype, tolerance, heads, kv_heads, length, dim):

@@ -21,7 +21,7 @@ through a Triton kernel that loads only the slots each row sees (`rwkvinside.ops
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -145,7 +145,7 @@ def grouped_query_attention(module: nn.Module, query: Tensor, key: Tensor, value
     step): `masked_decode_attention`, which reads the cache once, as it is, and on CUDA only the slots
     a row sees. query [B, H, T, D], key and value [B, H/G, L, D], attention_mask [B, 1, T, L] (True:
     seen) -> ([B, T, H, D], None)."""
-    batch, heads, length, dim = query.shape
+    batch, _, length, dim = query.shape
     if length > 1 or attention_mask is None:  # sdpa copies nothing without a mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

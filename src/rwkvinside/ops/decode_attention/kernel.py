@@ -21,8 +21,8 @@ def _masked_decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_mb, stride_ml, stride_ob, stride_oh,
-    LENGTH: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-    IEEE: tl.constexpr,
+    LENGTH: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
+    BLOCK: tl.constexpr, IEEE: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -30,7 +30,8 @@ def _masked_decode_attention_kernel(
     real = members < GROUP  # the padding rows compute on zeros and are not stored
     heads = kv_head * GROUP + members
     dims = tl.arange(0, DIM)
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=real[:, None], other=0.0)
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=real[:, None],
+                other=0.0)
     keys = k_ptr + row * stride_kb + kv_head * stride_kh
     values = v_ptr + row * stride_vb + kv_head * stride_vh
     best = tl.full([GROUP_ROWS], float("-inf"), tl.float32)  # running maximum score
@@ -38,7 +39,8 @@ def _masked_decode_attention_kernel(
     acc = tl.zeros([GROUP_ROWS, DIM], tl.float32)  # running sum of exp(score - best) v
     for first in range(0, LENGTH, BLOCK):
         slots = first + tl.arange(0, BLOCK)
-        seen = tl.load(mask_ptr + row * stride_mb + slots * stride_ml, mask=slots < LENGTH, other=0) != 0
+        seen = tl.load(mask_ptr + row * stride_mb + slots * stride_ml, mask=slots < LENGTH, other=0)
+        seen = seen != 0
         k = tl.load(keys + slots[:, None] * stride_kl + dims[None, :], mask=seen[:, None], other=0.0)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -62,7 +64,8 @@ def _masked_decode_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
-def masked_decode_attention_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
+def masked_decode_attention_triton(query: Tensor, key: Tensor, value: Tensor, mask: Tensor,
+                                   scale: float) -> Tensor:
     """query [B, H, D], key and value [B, H/G, L, D] (each with unit stride along D), mask [B, L] bool
     -> [B, H, D]."""
     batch, heads, dim = query.shape
@@ -76,7 +79,7 @@ def masked_decode_attention_triton(query: Tensor, key: Tensor, value: Tensor, ma
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), seen.stride(0), seen.stride(1),
         out.stride(0), out.stride(1),
-        LENGTH=length, GROUP=group, GROUP_ROWS=max(MIN_ROWS, triton.next_power_of_2(group)), DIM=dim, BLOCK=BLOCK,
-        IEEE=query.dtype == torch.float32,
+        LENGTH=length, GROUP=group, GROUP_ROWS=max(MIN_ROWS, triton.next_power_of_2(group)), DIM=dim,
+        BLOCK=BLOCK, IEEE=query.dtype == torch.float32,
     )
     return out
