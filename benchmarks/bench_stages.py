@@ -332,6 +332,11 @@ def trainer_step(stage: Stage, config: Config, student: nn.Module, teacher: nn.M
     return step
 
 
+def variant_of(key: str) -> str:
+    """A measurement's variant, which its key ends with: "compiled", "graphed", or else "eager"."""
+    return next((variant for variant in ("compiled", "graphed") if key.endswith(f"_{variant}")), "eager")
+
+
 def warmup_steps(args: argparse.Namespace, variant: str) -> int:
     """--warmup, but at least up to the step that captures the CUDA graph, which is not timed."""
     return max(args.warmup, WARMUP_STEPS + 1) if variant == "graphed" else args.warmup
@@ -449,7 +454,7 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
             if world.cuda:
                 torch.cuda.reset_peak_memory_stats(world.device)
             # the first warm-up step compiles (Triton, and torch.compile where asked)
-            warmup = warmup_steps(args, "graphed" if key.endswith("_graphed") else "eager")
+            warmup = warmup_steps(args, variant_of(key))
             losses, result["warmup_s"] = timed_steps(step, warmup, world.device)
             timed_losses, times = timed_steps(step, args.steps, world.device)
             losses += timed_losses
@@ -742,8 +747,8 @@ def run_model(model: str, args: argparse.Namespace, world: World, report: dict[s
     for key, build in plan:
         if "steps" in args.skip or (args.deepspeed and not key.startswith("stage2")):
             continue  # DeepSpeed: the stage-2 steps only
-        if ((key.endswith("_compiled") and not args.compile) or (key.endswith("_graphed") and not args.cuda_graph)
-                or (args.rows and key not in args.rows)):
+        wanted = {"eager": True, "compiled": args.compile, "graphed": args.cuda_graph}[variant_of(key)]
+        if not wanted or (args.rows and key not in args.rows):
             continue
         report["measurements"][key] = measure(key, build, args, world)
         save()

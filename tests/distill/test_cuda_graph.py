@@ -43,7 +43,6 @@ def train(trainer: Trainer) -> tuple[list[dict], dict[str, torch.Tensor]]:
     return read_log(trainer.folder / "log.jsonl"), weights
 
 
-
 def assert_same_training(eager, graphed, eager_again):
     """Every loss and gradient norm as in the eager run, every weight within 2% of one learning-rate
     step of it. The replayed kernels are the eager step's, but cuBLAS may choose other algorithms

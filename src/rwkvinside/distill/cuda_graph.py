@@ -54,12 +54,13 @@ class CapturedStep:
         self.stream: torch.cuda.Stream | None = None  # made on first use, on the current device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: Batches = []
+        self.input_shapes: list[dict[str, tuple]] = []  # shapes(self.inputs), what a replay takes
         self.outputs: dict[str, Tensor] = {}
         self.failed = False
         self.replays = 0
 
     def __call__(self, batches: Batches) -> dict[str, Tensor]:
-        if self.graph is not None and shapes(batches) == shapes(self.inputs):
+        if self.graph is not None and shapes(batches) == self.input_shapes:
             return self._replay(batches)
         if self.graph is not None or self.failed:
             return self.step(batches)
@@ -73,7 +74,7 @@ class CapturedStep:
     def release(self) -> None:
         """Give the graph and its memory back (the stage's activations live in it); a later call
         captures again."""
-        self.graph, self.inputs, self.outputs = None, [], {}
+        self.graph, self.inputs, self.input_shapes, self.outputs = None, [], [], {}
 
     def _on_capture_stream(self, batches: Batches) -> dict[str, Tensor]:
         """An eager step on the stream that will capture: some libraries set up per-stream state on
@@ -88,6 +89,7 @@ class CapturedStep:
     def _capture(self, batches: Batches) -> bool:
         self.stream = self.stream or torch.cuda.Stream()
         self.inputs = [{key: x.clone() for key, x in batch.items()} for batch in batches]
+        self.input_shapes = shapes(self.inputs)
         graph = torch.cuda.CUDAGraph()
         started = time.monotonic()
         try:
@@ -97,7 +99,7 @@ class CapturedStep:
             logger.warning("capturing the training step in a CUDA graph failed (%s); the steps run eagerly "
                            "(train.cuda_graph=false says so up front)", str(error).splitlines()[0])
             self.discard()
-            self.failed, self.inputs = True, []
+            self.failed, self.inputs, self.input_shapes = True, [], []
             return False
         self.graph, self.outputs = graph, outputs
         logger.info("training step captured in a CUDA graph (%.1f s); replaying it from now on",

@@ -45,7 +45,8 @@ def param_groups(params: list[Tensor], lr_scales: list[float]) -> list[dict[str,
             for (decays, scale), group in sorted(groups.items(), reverse=True)]
 
 
-def make_optimizer(params: list[Tensor], lr_scales: list[float], capturable: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Tensor], lr_scales: list[float],
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """torch's fused AdamW (on the CPU too): one kernel for all parameters, and it honours
     `found_inf`, which lets a step be skipped without reading anything back to the host.
     capturable: the step may be captured in a CUDA graph (its step counts stay on the device)."""

@@ -66,14 +66,14 @@ def wkv7(
                 "WKV-7 on CUDA needs flash-linear-attention, which is not installed: "
                 "pip install 'rwkvinside[cuda]'"
             )
-        if r.shape[1] == 1 and not _needs_grad(r, w, k, v, a, b, initial_state):
+        needs_grad = _needs_grad(r, w, k, v, a, b, initial_state)
+        if r.shape[1] == 1 and not needs_grad:
             return wkv7_fla_fused_recurrent(*args)
         bounded = decay_floor is not None and decay_floor >= RWKV7_DECAY_FLOOR
         # Where a backward will follow, fla keeps the forward's intermediates for it instead of
         # recomputing them: the same values (bitwise, H200), stage 1's stacked call 37.2 -> 29.3 ms
         # forward + backward for 2.1 GB more (BENCHMARKS.md).
-        return wkv7_fla_chunk(*args, disable_recompute=_needs_grad(r, w, k, v, a, b, initial_state),
-                              **(RWKV7_CHUNK_OPTIONS if bounded else {}))
+        return wkv7_fla_chunk(*args, disable_recompute=needs_grad, **(RWKV7_CHUNK_OPTIONS if bounded else {}))
     if r.shape[1] <= NAIVE_MAX_LEN:
         return wkv7_naive(*args)
     return wkv7_chunk(*args)
