@@ -9,13 +9,15 @@ The student is the teacher converted with randomly initialised RWKV-7 time mixer
 batch size, both models run `generate` on random prompts: the teacher transformers' own, with its
 DynamicCache (StaticCache with --teacher-static); the student its own decoding loop
 (`modeling.decode`) with its RecurrentCache, whose single-token steps go to fla's
-`fused_recurrent_rwkv7`, replayed from a CUDA graph on a GPU when every layer is RWKV-7.
+`fused_recurrent_rwkv7`, replayed from a CUDA graph on a GPU (a hybrid's kept attention layers
+decode from fixed key/value buffers, so its step is captured too).
 ms/token is (t(N + steps) - t(N)) / steps over two greedy runs of N and N + steps new tokens, so the prefill cancels out; each configuration runs once first to warm up
 (kernel compilation, autotuning). Peak memory is the CUDA allocator's peak during the longer run,
 prefill included (at long contexts the prefill's activations set it); "cache" is the size of the
 KV cache or recurrent state the run ends with, what decoding carries. `--cuda-graph` also times
 the student's decode step captured in a CUDA graph (replayed, no Python between steps), which
-shows how much of a step is launch overhead; it needs an all-RWKV student.
+shows how much of a step is launch overhead; it needs an all-RWKV student (it carries only
+recurrent states).
 
 Writes bench_decode.json and bench_decode.md to --out (default $OUT, else ./bench_out) and prints
 the table last.

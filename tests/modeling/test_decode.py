@@ -1,14 +1,16 @@
 """Recurrent decoding (modeling/decode.py): the student's own generation loop chooses the tokens that
 transformers' `generate` chooses, carries the cache the same way, and hands anything it does not
-implement to transformers. The CUDA-graph replay of the loop is checked against the eager loop on a GPU."""
+implement to transformers. A hybrid's kept attention layers decode from fixed key/value buffers. The
+CUDA-graph replay of the loop is checked against the eager loop on a GPU."""
 
 import pytest
 import torch
 from transformers import GenerationMixin
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from rwkvinside.modeling.alignment import select_trainable
 from rwkvinside.modeling.convert import ConversionSpec, convert
-from rwkvinside.modeling.decode import DecodingPlan, choose_tokens, decoding_plan
+from rwkvinside.modeling.decode import DecodeLoop, DecodingPlan, FixedKeyValues, choose_tokens, decoding_plan
 from rwkvinside.modeling.state import CACHE_KEYWORD
 
 LAYERS = {"all-RWKV": None, "hybrid": (0, 1, 3)}
@@ -97,6 +99,59 @@ def test_the_plan_reads_the_models_generation_config(student):
                                 eos_token_ids=(4,), pad_token_id=4)
 
 
+# ---- a hybrid's kept attention layers ----------------------------------------------------------------
+
+def layer_kinds_while_decoding(monkeypatch) -> list[tuple[type, ...]]:
+    """The classes of the cache's layers at every decoding step of the generations that follow."""
+    kinds: list[tuple[type, ...]] = []
+    step = DecodeLoop.step
+
+    def recording_step(loop):
+        kinds.append(tuple(type(layer) for layer in loop.cache.layers))
+        step(loop)
+
+    monkeypatch.setattr(DecodeLoop, "step", recording_step)
+    return kinds
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_kept_attention_layers_decode_from_fixed_buffers(make_teacher, monkeypatch, family, attention):
+    """Each step writes its key and value into buffers that keep their size and attends to the slots up
+    to its own (what lets the step be captured in a CUDA graph): the tokens are transformers', and the
+    cache handed back is the usual growing one, which a later call continues."""
+    torch.manual_seed(0)
+    student = convert(make_teacher(family), ConversionSpec(layers=(0, 2))).eval().requires_grad_(False)
+    student.set_attn_implementation(attention)
+    ids = prompt()
+    options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    reference_cache = student.new_cache()
+    expected = GenerationMixin.generate(student, ids, use_cache=True, **{CACHE_KEYWORD: reference_cache}, **options)
+    kinds = layer_kinds_while_decoding(monkeypatch)
+    cache = student.new_cache()
+    assert torch.equal(student.generate(ids, **{CACHE_KEYWORD: cache}, **options), expected)
+    assert len(kinds) == 9 and all(kind[1] is kind[3] is FixedKeyValues for kind in kinds)
+    assert type(cache.layers[1]) is DynamicLayer and cache.get_seq_length() == 9 + 10 - 1
+    torch.testing.assert_close(cache.layers[3].keys, reference_cache.layers[3].keys)
+    history = torch.cat([expected, prompt(batch=2, length=3, seed=1)], dim=1)
+    assert torch.equal(student.generate(history, **{CACHE_KEYWORD: cache}, **options),
+                       GenerationMixin.generate(student, history, use_cache=True,
+                                                **{CACHE_KEYWORD: reference_cache}, **options))
+
+
+def test_a_sliding_window_layer_decodes_from_its_growing_cache(make_teacher, monkeypatch):
+    """A layer whose window slides keeps transformers' own cache, which drops what leaves the window."""
+    torch.manual_seed(0)
+    teacher = make_teacher("mistral")
+    teacher.config.sliding_window = 6
+    student = convert(teacher, ConversionSpec(layers=(0, 2))).eval().requires_grad_(False)
+    ids = prompt()
+    options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    kinds = layer_kinds_while_decoding(monkeypatch)
+    assert torch.equal(student.generate(ids, **options), transformers_generate(student, ids, **options))
+    assert kinds and all(kind[1] is kind[3] is DynamicSlidingWindowLayer for kind in kinds)
+
+
 # ---- choosing a token ----------------------------------------------------------------------------
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
@@ -128,11 +183,12 @@ def test_top_k_and_top_p_cut_the_tail_and_renormalise():
 # ---- the CUDA graph --------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch):
+@pytest.mark.parametrize("layers", sorted(LAYERS))
+def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch, layers):
     from rwkvinside.modeling import decode
 
     torch.manual_seed(0)
-    student = convert(make_teacher("llama").cuda()).eval().requires_grad_(False)
+    student = convert(make_teacher("llama").cuda(), ConversionSpec(layers=LAYERS[layers])).eval().requires_grad_(False)
     # One prompt token: the prefill is then a recurrent step too, so only fla's step kernel is
     # compiled (a longer prompt costs minutes of chunk-kernel autotuning at these untypical shapes).
     ids = prompt()[:, :1].cuda()
@@ -142,14 +198,15 @@ def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch):
     assert torch.equal(graphed, student.generate(ids, **options))
 
 
-def test_a_step_that_cannot_be_captured_is_decoded_eagerly(make_teacher, monkeypatch, caplog):
-    """Where capturing fails, the loop is put back as it was (the warm-up steps advanced it) and runs
-    eagerly: the same tokens, the same cache, and a warning that says why. (Only an all-RWKV student
-    is ever captured.)"""
+@pytest.mark.parametrize("layers", sorted(LAYERS))
+def test_a_step_that_cannot_be_captured_is_decoded_eagerly(make_teacher, monkeypatch, caplog, layers):
+    """Where capturing fails, the loop is put back as it was (the warm-up steps advanced it: states,
+    position, token counts) and runs eagerly: the same tokens, the same cache, and a warning that
+    says why."""
     from rwkvinside.modeling import decode
 
     torch.manual_seed(0)
-    student = convert(make_teacher("mistral")).eval().requires_grad_(False)
+    student = convert(make_teacher("llama"), ConversionSpec(layers=LAYERS[layers])).eval().requires_grad_(False)
     ids = prompt()
     options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected_cache = student.new_cache()

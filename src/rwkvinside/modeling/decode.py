@@ -6,8 +6,13 @@ and at token 100,000: it is captured once in a CUDA graph and replayed, with no 
 host-device synchronisation between tokens. Through transformers' `generate`, Python overhead per
 token dwarfs the work.
 
-The graph applies where the model is on CUDA and every layer is recurrent (a kept attention layer's
-key/value cache grows every step); elsewhere the same loop runs eagerly. Token choice follows
+A kept attention layer's key/value cache grows with every token, which a graph cannot replay. For
+decoding, each such layer's keys and values move into buffers of a fixed size (`FixedKeyValues`), and
+the token's position lives on the device (`SlotPosition`): a step writes its key and value at that
+slot, attends to the slots up to it under a mask built on the device, and moves the position on. So
+a hybrid student's step has the same shapes and storage every time too. The graph applies on CUDA;
+elsewhere the same loop runs eagerly (and where a kept layer slides its window or the attention is
+neither sdpa nor eager, with the growing cache as before). Token choice follows
 transformers' semantics for the options supported here (greedy, temperature, top-k, top-p, EOS and
 padding of finished rows, min_new_tokens); `decoding_plan` returns None for anything else, and the
 caller uses transformers' `generate` instead.
@@ -16,11 +21,13 @@ caller uses transformers' `generate` instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentLayer
 
@@ -29,6 +36,8 @@ logger = logging.getLogger(__name__)
 # Rows are checked for completion every this many tokens: each check reads a flag back to the host.
 FINISH_CHECK_EVERY = 32
 # The `generate` keyword arguments this loop implements; any other one goes to transformers.
+# Attention implementations that take the additive [B, 1, 1, slots] mask a fixed-buffer step gives.
+FIXED_BUFFER_ATTENTION = ("sdpa", "eager")
 PLAN_ARGUMENTS = {"attention_mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k",
                   "top_p", "eos_token_id", "pad_token_id", "use_cache", "cache", "past_key_values"}
 
@@ -135,28 +144,125 @@ class ChosenTokens:
         return self.tokens, self.count, self.finished, self.next_input
 
 
+class SlotPosition:
+    """The position of the token a decoding step reads, on the device: its rotary position and the slot
+    of the fixed key/value buffers it writes. A step reads it and moves it on, with no Python int
+    involved, so a replayed step reads the position of its own token."""
+
+    def __init__(self, start: int, capacity: int, batch: int, dtype: torch.dtype, device: torch.device):
+        self.index = torch.full((1,), start, dtype=torch.long, device=device)
+        self.slots = torch.arange(capacity, device=device)
+        self.batch, self.dtype = batch, dtype
+
+    def step_inputs(self) -> dict[str, Tensor]:
+        """The forward arguments of a step: an additive mask [B, 1, 1, slots] that shows each row the
+        slots up to this token's (a slot after it holds nothing yet, or a capture's leftovers), and
+        the position ids [B, 1]."""
+        hidden = torch.finfo(self.dtype).min
+        mask = torch.where(self.slots <= self.index, 0.0, hidden).to(self.dtype)
+        return {"attention_mask": mask.expand(self.batch, 1, 1, -1), "position_ids": self.index.expand(self.batch, 1)}
+
+    def advance(self) -> None:
+        self.index += 1
+
+
+class FixedKeyValues(CacheLayerMixin):
+    """A kept attention layer's keys and values in buffers [B, H_kv, capacity, D] that keep their size and
+    storage while decoding: a step writes its token's key and value at `position`'s slot and hands
+    the attention the whole buffers (the step's mask hides the slots after it)."""
+
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int, position: SlotPosition):
+        super().__init__()
+        batch, heads, self.length, dim = keys.shape
+        self.keys = keys.new_zeros(batch, heads, capacity, dim)
+        self.values = values.new_zeros(batch, heads, capacity, values.shape[-1])
+        self.keys[:, :, :self.length] = keys
+        self.values[:, :, :self.length] = values
+        self.position = position
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        raise TypeError("fixed key/value buffers are made from a filled cache layer")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.keys.index_copy_(2, self.position.index, key_states)
+        self.values.index_copy_(2, self.position.index, value_states)
+        self.length += key_states.shape[2]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def filled(self) -> tuple[Tensor, Tensor]:
+        """The keys and values of the tokens read, [B, H_kv, length, D] each (copies: the buffers go)."""
+        return self.keys[:, :, :self.length].clone(), self.values[:, :, :self.length].clone()
+
+
+@contextmanager
+def fixed_key_values(model: nn.Module, cache, new_tokens: int) -> Iterator[SlotPosition | None]:
+    """While open, every kept attention layer of `cache` holds its keys and values in fixed buffers with
+    room for `new_tokens` more, and the yielded position says where the next token goes; on leaving,
+    the layers hold what they read in their usual growing form. Yields None where there is no
+    attention layer, or one this cannot hold (a sliding window; an attention implementation other
+    than sdpa or eager): such a cache decodes as it is."""
+    kept = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, RecurrentLayer)}
+    plain = all(type(layer) is DynamicLayer and layer.is_initialized for layer in kept.values())
+    if not kept or not plain or model.model.config._attn_implementation not in FIXED_BUFFER_ATTENTION:
+        yield None
+        return
+    read = cache.get_seq_length()
+    keys = next(iter(kept.values())).keys
+    position = SlotPosition(read, read + new_tokens, keys.shape[0], keys.dtype, keys.device)
+    fixed = {i: FixedKeyValues(layer.keys, layer.values, read + new_tokens, position) for i, layer in kept.items()}
+    for i, layer in fixed.items():
+        cache.layers[i] = layer
+    try:
+        yield position
+    finally:
+        for i, layer in kept.items():
+            layer.keys, layer.values = fixed[i].filled()
+            cache.layers[i] = layer
+
+
 class DecodeLoop:
-    """The state of one generation: `chosen` (the tokens so far) and the model's cache.
+    """The state of one generation: `chosen` (the tokens so far), the model's cache, and where the next
+    token goes in the kept attention layers' fixed buffers (None: all-RWKV, or a growing cache).
 
     `step()` feeds each row's last token and chooses its next one. Every tensor it writes keeps its
     storage from step to step (the recurrent states too: `RecurrentLayer.advance` updates them in
     place), which is what lets a CUDA graph replay it.
     """
 
-    def __init__(self, model: nn.Module, cache, first_logits: Tensor, plan: DecodingPlan):
-        self.model, self.cache = model, cache
+    def __init__(self, model: nn.Module, cache, first_logits: Tensor, plan: DecodingPlan,
+                 position: SlotPosition | None = None):
+        self.model, self.cache, self.position = model, cache, position
         self.chosen = ChosenTokens(first_logits.shape[0], plan.max_new_tokens, plan, first_logits.device)
         self.chosen.choose(first_logits)
 
     def step(self) -> None:
-        logits = self.model(self.chosen.next_input, use_cache=True, **{CACHE_KEYWORD: self.cache}).logits[:, -1]
+        inputs = self.position.step_inputs() if self.position is not None else {}
+        logits = self.model(self.chosen.next_input, use_cache=True, **inputs,
+                            **{CACHE_KEYWORD: self.cache}).logits[:, -1]
         self.chosen.choose(logits)
+        if self.position is not None:
+            self.position.advance()
 
     def _written(self) -> tuple[Tensor, ...]:
-        """Everything `step` writes: the chosen tokens and the recurrent states."""
+        """Everything `step` writes that a later step reads: the chosen tokens, the recurrent states and
+        the position (a slot after the position is hidden until a step writes it again)."""
         states = [t for layer in self.cache.layers if isinstance(layer, RecurrentLayer)
                   for t in (layer.state.shift, layer.state.wkv)]
-        return (*self.chosen.tensors(), *states)
+        position = [self.position.index] if self.position is not None else []
+        return (*self.chosen.tensors(), *states, *position)
 
     def snapshot(self) -> list[Tensor]:
         return [t.clone() for t in self._written()]
@@ -178,8 +284,10 @@ class DecodeLoop:
 
 
 def graph_capturable(model: nn.Module, cache) -> bool:
-    """CUDA, and every layer recurrent: a step then has the same shapes and storage every time."""
-    return model.lm_head.weight.is_cuda and all(isinstance(layer, RecurrentLayer) for layer in cache.layers)
+    """CUDA, and every layer recurrent or in fixed buffers: a step then has the same shapes and storage
+    every time."""
+    return model.lm_head.weight.is_cuda and all(isinstance(layer, (RecurrentLayer, FixedKeyValues))
+                                                for layer in cache.layers)
 
 
 @torch.no_grad()
@@ -188,13 +296,14 @@ def recurrent_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     """input_ids [B, T] (with `cache`, the tokens it has read are skipped) -> [B, T + new tokens]."""
     read = cache.get_seq_length()
     prefill = model(input_ids[:, read:], attention_mask=attention_mask, use_cache=True, **{CACHE_KEYWORD: cache})
-    loop = DecodeLoop(model, cache, prefill.logits[:, -1], plan)
-    steps = _replay_graph(loop, plan.max_new_tokens) if graph_capturable(model, cache) else None
-    if steps is None:  # eagerly, one step after another
-        steps = 1
-        while steps < plan.max_new_tokens and not (steps % FINISH_CHECK_EVERY == 0 and loop.all_finished()):
-            loop.step()
-            steps += 1
+    with fixed_key_values(model, cache, plan.max_new_tokens) as position:
+        loop = DecodeLoop(model, cache, prefill.logits[:, -1], plan, position)
+        steps = _replay_graph(loop, plan.max_new_tokens) if graph_capturable(model, cache) else None
+        if steps is None:  # eagerly, one step after another
+            steps = 1
+            while steps < plan.max_new_tokens and not (steps % FINISH_CHECK_EVERY == 0 and loop.all_finished()):
+                loop.step()
+                steps += 1
     return torch.cat([input_ids, loop.generated(steps)], dim=1)
 
 
@@ -220,7 +329,7 @@ def _replay_graph(loop: DecodeLoop, max_new_tokens: int) -> int | None:
     The capture advances the states, so everything is put back before the first replay, and the
     cache's token counts (kept by Python, which replays skip) are set once at the end.
     """
-    layers = [layer for layer in loop.cache.layers if isinstance(layer, RecurrentLayer)]
+    layers = [layer for layer in loop.cache.layers if isinstance(layer, (RecurrentLayer, FixedKeyValues))]
     lengths = [layer.length for layer in layers]
     saved = loop.snapshot()
     try:

@@ -136,12 +136,13 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         return RecurrentCache(self.config.text_config, self.rwkv_layers)
 
     def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cached: bool = False) -> None:
-        """cached: a generation cache is passed, so the mask may also cover the tokens it has read."""
+        """cached: a generation cache is passed, so the mask may also cover the tokens it has read. A 4D
+        mask is one prepared for the attention layers (a decoding step's over fixed key/value buffers)."""
         device = self.lm_head.weight.device
         if input_ids.device != device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}; "
                              "move the batch to the model's device")
-        if attention_mask is None or attention_mask.shape == input_ids.shape:
+        if attention_mask is None or attention_mask.dim() == 4 or attention_mask.shape == input_ids.shape:
             return
         (batch, length), (mask_batch, mask_length) = input_ids.shape, attention_mask.shape
         if not (cached and mask_batch == batch and mask_length > length):
@@ -190,10 +191,11 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
                                       **{CACHE_KEYWORD: getattr(outputs, CACHE_KEYWORD)})
 
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
-        """Generation from the recurrent state, its one-token step captured in a CUDA graph where every
-        layer is recurrent (`modeling.decode`); transformers' own `generate` for options that loop does
-        not implement. Either way the converted layers' states are carried in a `new_cache()` unless
-        a cache is passed (as `cache`, or `past_key_values` before transformers 5.24)."""
+        """Generation from the recurrent state, its one-token step captured in a CUDA graph on a GPU (kept
+        attention layers decode from fixed key/value buffers: `modeling.decode`); transformers' own
+        `generate` for options that loop does not implement and for padded hybrid batches. Either way
+        the converted layers' states are carried in a `new_cache()` unless a cache is passed (as
+        `cache`, or `past_key_values` before transformers 5.24)."""
         kwargs.setdefault("use_cache", True)  # a student saved during training may say False
         if kwargs["use_cache"] and cache_of(kwargs) is None:
             kwargs[CACHE_KEYWORD] = self.new_cache()
