@@ -1,12 +1,15 @@
 """The GPU benchmarks' CPU dry runs: every code path of a benchmark runs here, so that the GPU run,
 which costs device time, does not stop at a typo."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rwkvinside.modeling.loading import EMBEDDED_PACKAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("teacher", "teacher_autocast", "stage1", "stage2_all", "stage2_mixers")
@@ -105,6 +108,8 @@ def test_probe_gradients_names_the_parameters_and_tokens_of_each_step(tmp_path, 
 
 
 @pytest.mark.slow  # one Python process that imports torch and transformers: ~15 s on 2 cores
+@pytest.mark.skipif(importlib.util.find_spec(EMBEDDED_PACKAGE) is None,
+                    reason=f"the dry run borrows the embedded teacher's tokenizer ({EMBEDDED_PACKAGE})")
 def test_bench_synth_dry_run_times_each_attention(tmp_path):
     script = ROOT / "benchmarks" / "bench_synth.py"
     subprocess.run([sys.executable, str(script), "--dry-run", "--attention", "torch", "kernel", "--out",

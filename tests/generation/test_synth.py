@@ -4,8 +4,6 @@ The CUDA-graph replay of the sampling step is checked against the eager loop on 
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,6 @@ from rwkvinside.generation.prompt_mix import PromptPool, instructions, parse_mix
 from rwkvinside.generation.sampler import BatchSampler
 from rwkvinside.modeling.decode import DecodingPlan
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKENS, SEQ_LEN, BATCH = 600, 80, 4
 MIX = "chat=0.4,documents=0.3,free=0.3"
 PARAGRAPHS = ["The quick brown fox jumps over the lazy dog. It was not amused.",
@@ -324,13 +321,3 @@ def test_distill_trains_on_the_shards_and_refuses_another_tokenizer(finished, te
     assert cli.main(synth_args(other, tmp_path / "foreign", corpus, tokens=10)) == 0
     assert cli.main(args + ["--data", str(tmp_path / "foreign"), "--output", str(tmp_path / "run2")]) == 2
     assert "made with another tokenizer" in error_line(capsys)
-
-
-@pytest.mark.slow  # a Python process that imports torch and transformers
-def test_bench_synth_dry_run(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_synth.py"), "--dry-run",
-                    "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=300, capture_output=True)
-    report = json.loads((tmp_path / "bench_synth.json").read_text())
-    assert [row["batch"] for row in report["sampling"]] == [2, 4]
-    assert all(row["sampled_tokens_per_s"] > 0 for row in report["sampling"])
-    assert report["forward"]["tokens_per_s"] > 0
