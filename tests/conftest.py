@@ -53,6 +53,29 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fla_untuned():
+    """On a GPU: each of fla's autotuned kernels launches its first candidate configuration instead of
+    timing them all. The tiny test models' shapes are not in the shipped record (ops/wkv7/tuned), and
+    tuning them compiles every candidate of every kernel: minutes, on a fresh machine, before the
+    first step of a test that checks something else (a training step, a captured graph). The WKV-7
+    kernels themselves are checked against the float64 reference, with the tuned configurations, in
+    tests/ops."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    import fla.ops.rwkv7  # noqa: F401  (loads every kernel module the RWKV-7 ops use)
+
+    from rwkvinside.ops.wkv7.tuned import fla_autotuners
+
+    candidates = {autotuner: autotuner.configs for autotuner in fla_autotuners()}
+    for autotuner, configs in candidates.items():
+        autotuner.configs = configs[:1]
+    yield
+    for autotuner, configs in candidates.items():
+        autotuner.configs = configs
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()

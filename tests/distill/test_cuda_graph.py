@@ -15,7 +15,8 @@ from rwkvinside.distill.stages import STAGES, StepLoss
 
 from .test_loop import frozen_teacher, student, token_batches
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("fla_untuned")]
 
 CUDA = torch.device("cuda")
 STEPS = WARMUP_STEPS + 4  # eager warm-up, the captured step, replays

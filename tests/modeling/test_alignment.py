@@ -265,7 +265,7 @@ def test_by_default_the_cpu_runs_each_mixer_in_its_slot(make_teacher):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_alignment_is_batched_unless_the_mixers_are_partitioned(make_teacher):
+def test_on_a_gpu_alignment_is_batched_unless_the_mixers_are_partitioned(make_teacher, fla_untuned):
     student = aligning_student(make_teacher("llama").cuda(), ConversionSpec(layers=(1, 2)))
     calls = []
     for slot in student.converted_attention().values():

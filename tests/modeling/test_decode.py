@@ -184,11 +184,12 @@ def test_top_k_and_top_p_cut_the_tail_and_renormalise():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("layers", sorted(LAYERS))
-def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch, layers):
+def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch, layers, fla_untuned):
     from rwkvinside.modeling import decode
 
     torch.manual_seed(0)
-    student = convert(make_teacher("llama").cuda(), ConversionSpec(layers=LAYERS[layers])).eval().requires_grad_(False)
+    teacher = make_teacher("llama").cuda()
+    student = convert(teacher, ConversionSpec(layers=LAYERS[layers])).eval().requires_grad_(False)
     # One prompt token: the prefill is then a recurrent step too, so only fla's step kernel is
     # compiled (a longer prompt costs minutes of chunk-kernel autotuning at these untypical shapes).
     ids = prompt()[:, :1].cuda()
