@@ -126,7 +126,8 @@ def test_kept_attention_layers_decode_from_fixed_buffers(make_teacher, monkeypat
     ids = prompt()
     options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     reference_cache = student.new_cache()
-    expected = GenerationMixin.generate(student, ids, use_cache=True, **{CACHE_KEYWORD: reference_cache}, **options)
+    expected = GenerationMixin.generate(student, ids, use_cache=True, **{CACHE_KEYWORD: reference_cache},
+                                        **options)
     kinds = layer_kinds_while_decoding(monkeypatch)
     cache = student.new_cache()
     assert torch.equal(student.generate(ids, **{CACHE_KEYWORD: cache}, **options), expected)

@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 
 # Rows are checked for completion every this many tokens: each check reads a flag back to the host.
 FINISH_CHECK_EVERY = 32
-# The `generate` keyword arguments this loop implements; any other one goes to transformers.
 # Attention implementations that take the additive [B, 1, 1, slots] mask a fixed-buffer step gives.
 FIXED_BUFFER_ATTENTION = ("sdpa", "eager")
+# The `generate` keyword arguments this loop implements; any other one goes to transformers.
 PLAN_ARGUMENTS = {"attention_mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k",
                   "top_p", "eos_token_id", "pad_token_id", "use_cache", "cache", "past_key_values"}
 
@@ -160,7 +160,8 @@ class SlotPosition:
         the position ids [B, 1]."""
         hidden = torch.finfo(self.dtype).min
         mask = torch.where(self.slots <= self.index, 0.0, hidden).to(self.dtype)
-        return {"attention_mask": mask.expand(self.batch, 1, 1, -1), "position_ids": self.index.expand(self.batch, 1)}
+        return {"attention_mask": mask.expand(self.batch, 1, 1, -1),
+                "position_ids": self.index.expand(self.batch, 1)}
 
     def advance(self) -> None:
         self.index += 1
@@ -222,7 +223,8 @@ def fixed_key_values(model: nn.Module, cache, new_tokens: int) -> Iterator[SlotP
     read = cache.get_seq_length()
     keys = next(iter(kept.values())).keys
     position = SlotPosition(read, read + new_tokens, keys.shape[0], keys.dtype, keys.device)
-    fixed = {i: FixedKeyValues(layer.keys, layer.values, read + new_tokens, position) for i, layer in kept.items()}
+    fixed = {i: FixedKeyValues(layer.keys, layer.values, read + new_tokens, position)
+             for i, layer in kept.items()}
     for i, layer in fixed.items():
         cache.layers[i] = layer
     try:
@@ -301,7 +303,8 @@ def recurrent_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tens
         steps = _replay_graph(loop, plan.max_new_tokens) if graph_capturable(model, cache) else None
         if steps is None:  # eagerly, one step after another
             steps = 1
-            while steps < plan.max_new_tokens and not (steps % FINISH_CHECK_EVERY == 0 and loop.all_finished()):
+            while steps < plan.max_new_tokens and not (steps % FINISH_CHECK_EVERY == 0
+                                                       and loop.all_finished()):
                 loop.step()
                 steps += 1
     return torch.cat([input_ids, loop.generated(steps)], dim=1)
