@@ -1,17 +1,19 @@
 """Recurrent decoding (modeling/decode.py): the student's own generation loop chooses the tokens that
 transformers' `generate` chooses, carries the cache the same way, and hands anything it does not
 implement to transformers. A hybrid's kept attention layers decode from fixed key/value buffers. The
-CUDA-graph replay of the loop is checked against the eager loop on a GPU."""
+captured step replays the eager loop: on the CPU with the step recorded by make_fx (what a CUDA
+graph does to it: Python values frozen, the same storage read and written), on a GPU from a CUDA graph."""
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from transformers import GenerationMixin
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from rwkvinside.modeling.alignment import select_trainable
 from rwkvinside.modeling.convert import ConversionSpec, convert
 from rwkvinside.modeling.decode import DecodeLoop, DecodingPlan, FixedKeyValues, choose_tokens, decoding_plan
-from rwkvinside.modeling.state import CACHE_KEYWORD
+from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentLayer
 
 LAYERS = {"all-RWKV": None, "hybrid": (0, 1, 3)}
 
@@ -198,6 +200,51 @@ def test_the_graph_replays_the_eager_loop(make_teacher, monkeypatch, layers, fla
     graphed = student.generate(ids, **options)
     monkeypatch.setattr(decode, "graph_capturable", lambda model, cache: False)
     assert torch.equal(graphed, student.generate(ids, **options))
+
+
+class RecordedStep:
+    """A CPU stand-in for a CUDA graph: the step's tensor operations recorded once (by make_fx), with
+    the Python values they depend on frozen at their recording and every tensor the step reads or
+    writes in place kept as the same storage, and replayed as recorded. A step that takes anything
+    from Python that changes from token to token (a count, a position) replays wrong here as it
+    would from a CUDA graph."""
+
+    def __init__(self, step):
+        self.recording = make_fx(lambda: (step(), torch.zeros(()))[1])()  # make_fx wants an output
+
+    def replay(self) -> None:
+        self.recording()
+
+
+def record_instead_of_capturing(step) -> RecordedStep:
+    for _ in range(2):  # as capture's warm-up runs
+        step()
+    return RecordedStep(step)
+
+
+@pytest.mark.parametrize("layers", sorted(LAYERS))
+def test_a_recorded_step_replays_the_eager_loop(make_teacher, monkeypatch, layers):
+    """The captured step, checked on the CPU: replayed as recorded, it chooses the eager loop's tokens
+    and leaves the same cache (the kept layers' keys carry their rotary positions)."""
+    from rwkvinside.modeling import decode
+
+    torch.manual_seed(0)
+    student = convert(make_teacher("llama"), ConversionSpec(layers=LAYERS[layers])).eval().requires_grad_(False)
+    ids = prompt()
+    options = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    eager_cache, cache = student.new_cache(), student.new_cache()
+    eager = student.generate(ids, **{CACHE_KEYWORD: eager_cache}, **options)
+    monkeypatch.setattr(decode, "graph_capturable", lambda model, cache: True)
+    monkeypatch.setattr(decode, "capture", record_instead_of_capturing)
+    assert torch.equal(student.generate(ids, **{CACHE_KEYWORD: cache}, **options), eager)
+    assert cache.get_seq_length() == eager_cache.get_seq_length() == 9 + 16 - 1
+    for layer, expected in zip(cache.layers, eager_cache.layers, strict=True):
+        if isinstance(layer, RecurrentLayer):
+            torch.testing.assert_close(layer.state.wkv, expected.state.wkv)
+            torch.testing.assert_close(layer.state.shift, expected.state.shift)
+        else:
+            torch.testing.assert_close(layer.keys, expected.keys)
+            torch.testing.assert_close(layer.values, expected.values)
 
 
 @pytest.mark.parametrize("layers", sorted(LAYERS))
