@@ -71,16 +71,22 @@ def test_a_carried_cache_continues_where_it_stopped(student):
                                                         **{CACHE_KEYWORD: reference_cache}, **options))
 
 
-def test_left_padding_of_an_all_rwkv_student(make_teacher):
-    """Padding first leaves the recurrent state untouched: a padded row decodes as it would alone."""
+@pytest.mark.parametrize("layers", [None, (0, 2)], ids=["all-RWKV", "hybrid"])
+def test_a_left_padded_row_decodes_as_it_would_alone(make_teacher, monkeypatch, layers):
+    """Padding first leaves the recurrent states untouched, and the kept attention layers never see it
+    (their fixed buffers carry which slots are padding): each row of a padded batch decodes as it
+    would alone, in the student's own loop."""
     torch.manual_seed(0)
-    student = convert(make_teacher("qwen2")).eval().requires_grad_(False)
-    alone = prompt(batch=1, length=6)
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), alone], dim=1)
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    student = convert(make_teacher("qwen2"), ConversionSpec(layers=layers)).eval().requires_grad_(False)
+    short, long = prompt(batch=1, length=6), prompt(batch=1, length=9, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(student.generate(padded, attention_mask=mask, **options)[:, 3:],
-                       student.generate(alone, **options))
+    kinds = layer_kinds_while_decoding(monkeypatch)
+    together = student.generate(batch, attention_mask=mask, **options)
+    assert kinds  # the student's own loop, not transformers'
+    assert torch.equal(together[:1, 3:], student.generate(short, **options))
+    assert torch.equal(together[1:], student.generate(long, **options))
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=2), dict(repetition_penalty=1.3), dict(max_length=20)],
@@ -225,13 +231,16 @@ def record_instead_of_capturing(step) -> RecordedStep:
 @pytest.mark.parametrize("layers", sorted(LAYERS))
 def test_a_recorded_step_replays_the_eager_loop(make_teacher, monkeypatch, layers):
     """The captured step, checked on the CPU: replayed as recorded, it chooses the eager loop's tokens
-    and leaves the same cache (the kept layers' keys carry their rotary positions)."""
+    and leaves the same cache (the kept layers' keys carry their rotary positions), a left-padded
+    row included."""
     from rwkvinside.modeling import decode
 
     torch.manual_seed(0)
     student = convert(make_teacher("llama"), ConversionSpec(layers=LAYERS[layers])).eval().requires_grad_(False)
     ids = prompt()
-    options = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    ids[0, :2] = 0
+    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+    options = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     eager_cache, cache = student.new_cache(), student.new_cache()
     eager = student.generate(ids, **{CACHE_KEYWORD: eager_cache}, **options)
     monkeypatch.setattr(decode, "graph_capturable", lambda model, cache: True)

@@ -147,21 +147,29 @@ class ChosenTokens:
 class SlotPosition:
     """The position of the token a decoding step reads, on the device: its rotary position and the slot
     of the fixed key/value buffers it writes. A step reads it and moves it on, with no Python int
-    involved, so a replayed step reads the position of its own token."""
+    involved, so a replayed step reads the position of its own token.
 
-    def __init__(self, start: int, capacity: int, batch: int, dtype: torch.dtype, device: torch.device):
+    padding: [B, read] (1: a token, 0: left padding) over the tokens read before decoding, or None.
+    Every row takes the same positions, as the prefill gave them: a padded row's tokens sit further
+    along than they would alone, which rotary attention, reading only the distance between positions,
+    does not see."""
+
+    def __init__(self, start: int, capacity: int, batch: int, dtype: torch.dtype, device: torch.device,
+                 padding: Tensor | None = None):
         self.index = torch.full((1,), start, dtype=torch.long, device=device)
         self.slots = torch.arange(capacity, device=device)
+        self.filled = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False: padding
+        if padding is not None:
+            self.filled[:, :start] = padding.to(device=device, dtype=torch.bool)
         self.batch, self.dtype = batch, dtype
 
     def step_inputs(self) -> dict[str, Tensor]:
-        """The forward arguments of a step: an additive mask [B, 1, 1, slots] that shows each row the
-        slots up to this token's (a slot after it holds nothing yet, or a capture's leftovers), and
+        """The forward arguments of a step: an additive mask [B, 1, 1, slots] that shows each row its
+        own tokens up to this one (a slot after it holds nothing yet, or a capture's leftovers), and
         the position ids [B, 1]."""
         hidden = torch.finfo(self.dtype).min
-        mask = torch.where(self.slots <= self.index, 0.0, hidden).to(self.dtype)
-        return {"attention_mask": mask.expand(self.batch, 1, 1, -1),
-                "position_ids": self.index.expand(self.batch, 1)}
+        mask = torch.where((self.slots <= self.index) & self.filled, 0.0, hidden).to(self.dtype)
+        return {"attention_mask": mask[:, None, None, :], "position_ids": self.index.expand(self.batch, 1)}
 
     def advance(self) -> None:
         self.index += 1
@@ -208,21 +216,30 @@ class FixedKeyValues(CacheLayerMixin):
         return self.keys[:, :, :self.length].clone(), self.values[:, :, :self.length].clone()
 
 
+def fixed_buffers_hold(model: nn.Module, cache) -> bool:
+    """Whether `fixed_key_values` can hold every kept attention layer of `cache` (true where none is
+    left): not one whose window slides, and an attention implementation that takes its mask (sdpa
+    or eager)."""
+    kept = [layer for layer in cache.layers if not isinstance(layer, RecurrentLayer)]
+    return not kept or (all(type(layer) is DynamicLayer for layer in kept)
+                        and model.model.config._attn_implementation in FIXED_BUFFER_ATTENTION)
+
+
 @contextmanager
-def fixed_key_values(model: nn.Module, cache, new_tokens: int) -> Iterator[SlotPosition | None]:
+def fixed_key_values(model: nn.Module, cache, new_tokens: int,
+                     padding: Tensor | None = None) -> Iterator[SlotPosition | None]:
     """While open, every kept attention layer of `cache` holds its keys and values in fixed buffers with
     room for `new_tokens` more, and the yielded position says where the next token goes; on leaving,
-    the layers hold what they read in their usual growing form. Yields None where there is no
-    attention layer, or one this cannot hold (a sliding window; an attention implementation other
-    than sdpa or eager): such a cache decodes as it is."""
+    the layers hold what they read in their usual growing form. padding: the attention mask [B, read]
+    of the tokens the cache has read (None: no padding). Yields None where there is no attention
+    layer, or where `fixed_buffers_hold` says no: such a cache decodes as it is."""
     kept = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, RecurrentLayer)}
-    plain = all(type(layer) is DynamicLayer and layer.is_initialized for layer in kept.values())
-    if not kept or not plain or model.model.config._attn_implementation not in FIXED_BUFFER_ATTENTION:
+    if not (kept and fixed_buffers_hold(model, cache) and all(layer.is_initialized for layer in kept.values())):
         yield None
         return
     read = cache.get_seq_length()
     keys = next(iter(kept.values())).keys
-    position = SlotPosition(read, read + new_tokens, keys.shape[0], keys.dtype, keys.device)
+    position = SlotPosition(read, read + new_tokens, keys.shape[0], keys.dtype, keys.device, padding)
     fixed = {i: FixedKeyValues(layer.keys, layer.values, read + new_tokens, position)
              for i, layer in kept.items()}
     for i, layer in fixed.items():
@@ -298,7 +315,7 @@ def recurrent_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     """input_ids [B, T] (with `cache`, the tokens it has read are skipped) -> [B, T + new tokens]."""
     read = cache.get_seq_length()
     prefill = model(input_ids[:, read:], attention_mask=attention_mask, use_cache=True, **{CACHE_KEYWORD: cache})
-    with fixed_key_values(model, cache, plan.max_new_tokens) as position:
+    with fixed_key_values(model, cache, plan.max_new_tokens, attention_mask) as position:
         loop = DecodeLoop(model, cache, prefill.logits[:, -1], plan, position)
         steps = _replay_graph(loop, plan.max_new_tokens) if graph_capturable(model, cache) else None
         if steps is None:  # eagerly, one step after another

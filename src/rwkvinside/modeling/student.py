@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from rwkvinside.errors import UserError
 from rwkvinside.modeling.attention import ForwardContext, RWKVAttention, cache_of
 from rwkvinside.modeling.configuration import RWKVInsideConfig
-from rwkvinside.modeling.decode import decoding_plan, recurrent_generate
+from rwkvinside.modeling.decode import decoding_plan, fixed_buffers_hold, recurrent_generate
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentCache, take_cache
 from rwkvinside.modeling.teachers import (AttentionGeometry, TeacherFamily, attention_of, compile_pointwise_blocks,
                                           decoder_layers, family_for, projection_biases, set_attention)
@@ -193,15 +193,16 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
         """Generation from the recurrent state, its one-token step captured in a CUDA graph on a GPU (kept
         attention layers decode from fixed key/value buffers: `modeling.decode`); transformers' own
-        `generate` for options that loop does not implement and for padded hybrid batches. Either way
-        the converted layers' states are carried in a `new_cache()` unless a cache is passed (as
-        `cache`, or `past_key_values` before transformers 5.24)."""
+        `generate` for options that loop does not implement, and for a padded batch whose kept
+        attention layers those buffers cannot hold (a sliding window). Either way the converted
+        layers' states are carried in a `new_cache()` unless a cache is passed (as `cache`, or
+        `past_key_values` before transformers 5.24)."""
         kwargs.setdefault("use_cache", True)  # a student saved during training may say False
         if kwargs["use_cache"] and cache_of(kwargs) is None:
             kwargs[CACHE_KEYWORD] = self.new_cache()
         plan = decoding_plan(self.generation_config, kwargs) if input_ids is not None else None
-        mask = kwargs.get("attention_mask")
-        padded = mask is not None and len(self.rwkv_layers) < self.config.num_hidden_layers and not bool(mask.all())
-        if plan is None or padded:  # kept attention layers need the padding mask at every step
+        mask, cache = kwargs.get("attention_mask"), cache_of(kwargs)
+        # Kept attention layers need the padding at every step, which only the fixed buffers carry.
+        if plan is None or (mask is not None and not bool(mask.all()) and not fixed_buffers_hold(self, cache)):
             return super().generate(input_ids, **kwargs)
-        return recurrent_generate(self, input_ids, mask, cache_of(kwargs), plan)
+        return recurrent_generate(self, input_ids, mask, cache, plan)
