@@ -6,7 +6,8 @@
 
 For each batch size, `BatchSampler` (what synth runs) continues prompts from synth's default mix
 (chat 2/3, free 1/3) by 256 new tokens at most (`--new-tokens`: the cache holds the longest prompt
-plus that), batch after batch until --tokens are sampled, after one untimed batch (the CUDA graph's
+plus that; `--seq-len L` instead samples as `synth --seq-len L` does: prompts of up to L/2 tokens,
+each sample run on to L tokens, prompt included), batch after batch until --tokens are sampled, after one untimed batch (the CUDA graph's
 capture). "sampled" counts the tokens kept (up to each row's end of text), "slots" every row at
 every step (rows that ended keep stepping until all have, or the step budget is spent). A random
 teacher (SmolLM2-135M's shape) rarely ends a row, so its sampled tokens are its slots. Shard
@@ -62,6 +63,9 @@ def parse_args() -> argparse.Namespace:
                                        "teacher's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--new-tokens", type=int, default=256, help="new tokens per sample at most")
+    p.add_argument("--seq-len", type=int,
+                   help="sample as `synth --seq-len` does: samples of this many tokens, prompt included "
+                        "(replaces --new-tokens)")
     p.add_argument("--tokens", type=int, default=2_000_000,
                    help="sampled tokens to time per batch size (about)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -120,7 +124,8 @@ def sampling(model: nn.Module, tokenizer, pool: PromptPool, batch: int, args: ar
     plan = DecodingPlan(max_new_tokens=0, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                         eos_token_ids=tuple(stops), pad_token_id=stops[0])
     longest = max(len(ids) for prompts in pool.pools.values() for ids in prompts)
-    sampler = BatchSampler(model, batch, longest + args.new_tokens, plan)
+    cache_slots = args.seq_len or longest + args.new_tokens
+    sampler = BatchSampler(model, batch, cache_slots, plan)
     rng = np.random.default_rng(batch)
     prompts = [prompt.ids for prompt in pool.draw(batch, rng)]
     sampler.sample(prompts)  # untimed: allocation, and on a GPU the graph's capture
@@ -146,7 +151,7 @@ def sampling(model: nn.Module, tokenizer, pool: PromptPool, batch: int, args: ar
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    return {"batch": batch, "cache_slots": longest + args.new_tokens, "sampled_tokens": sampled,
+    return {"batch": batch, "cache_slots": cache_slots, "sampled_tokens": sampled,
             "seconds": seconds, "sampled_tokens_per_s": sampled / seconds, "slots_per_s": slots / seconds,
             "shard_write_s": write_seconds, "peak_gb": peak}
 
@@ -171,11 +176,12 @@ def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     model, tokenizer = build_teacher(args, device)
-    pool = PromptPool(tokenizer, resolve_mix(None, have_documents=False), None, max_tokens=256)
+    pool = PromptPool(tokenizer, resolve_mix(None, have_documents=False), None,
+                      max_tokens=args.seq_len // 2 if args.seq_len else 256)
     results: dict[str, Any] = {"teacher": "tiny random" if args.dry_run else args.teacher,
                                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                                "cpu",
-                               "torch": torch.__version__, "new_tokens": args.new_tokens,
+                               "torch": torch.__version__, "new_tokens": args.new_tokens, "seq_len": args.seq_len,
                                "temperature": args.temperature, "sampling": []}
     for batch in args.batch_sizes:
         for attention in args.attention:

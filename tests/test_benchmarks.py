@@ -112,11 +112,12 @@ def test_probe_gradients_names_the_parameters_and_tokens_of_each_step(tmp_path, 
                     reason=f"the dry run borrows the embedded teacher's tokenizer ({EMBEDDED_PACKAGE})")
 def test_bench_synth_dry_run_times_each_attention(tmp_path):
     script = ROOT / "benchmarks" / "bench_synth.py"
-    subprocess.run([sys.executable, str(script), "--dry-run", "--attention", "torch", "kernel", "--out",
-                    str(tmp_path)], check=True, cwd=ROOT, timeout=300)
+    subprocess.run([sys.executable, str(script), "--dry-run", "--attention", "torch", "kernel", "--seq-len", "96",
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=300)
     report = json.loads((tmp_path / "bench_synth.json").read_text())
     rows = [(row["batch"], row["attention"]) for row in report["sampling"]]
     assert rows == [(2, "torch"), (2, "kernel"), (4, "torch"), (4, "kernel")]
+    assert all(row["cache_slots"] == 96 for row in report["sampling"])  # as synth --seq-len 96 samples
     assert all(row["sampled_tokens_per_s"] > 0 and row["slots_per_s"] >= row["sampled_tokens_per_s"]
                for row in report["sampling"])
     assert report["forward"]["tokens_per_s"] > 0
