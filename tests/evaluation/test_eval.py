@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from rwkvinside.cli import main
 from rwkvinside.data import IGNORE_INDEX, heldout_batches
 from rwkvinside.errors import UserError
-from rwkvinside.evaluation.compare import compare, compare_on_file
+from rwkvinside.evaluation.compare import WINDOW_START, compare, compare_on_file
 from rwkvinside.evaluation.evaluate import evaluate
 from rwkvinside.evaluation.passkey import passkey_prompt, recalled
 from rwkvinside.modeling.student_folder import save_student
@@ -40,13 +40,16 @@ def text_file(tmp_path_factory):
 
 
 @torch.no_grad()
-def reference_scores(student, teacher, batches) -> dict:
+def reference_scores(student, teacher, batches, first: int | None = None) -> dict:
     """The figures `compare` reports, computed here the plain way: full-vocabulary logits of whole
-    batches from each model's own forward pass, in float64, over the target positions."""
+    batches from each model's own forward pass, in float64, over the target positions (the first
+    `first` of each window only, if given)."""
     tokens, student_ce, teacher_ce, agree, kl = 0, 0.0, 0.0, 0, 0.0
     for batch in batches:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         target = labels != IGNORE_INDEX
+        if first is not None:
+            target &= torch.arange(labels.shape[1]) < first
         ours = student(ids, attention_mask=mask, use_cache=False).logits.double()[target]  # [n, V]
         theirs = teacher(ids, attention_mask=mask, use_cache=False).logits.double()[target]
         tokens += int(target.sum())
@@ -73,6 +76,14 @@ def test_scores_match_an_independent_computation(build_teacher, tiny_tokenizer, 
     assert abs(scores["agreement"] - expected["agreement"]) * expected["tokens"] <= 1  # at most one near-tie
     assert 0 <= scores["agreement"] < 1
     assert math.isclose(scores["kl"], expected["kl"], rel_tol=1e-4) and scores["kl"] > 0
+    # The start of each window on its own: its first WINDOW_START targets.
+    start = reference_scores(student, teacher, heldout_batches([text_file], tiny_tokenizer, SEQ_LEN, 2),
+                             first=WINDOW_START)
+    assert scores["start"]["tokens"] == start["tokens"] < scores["tokens"]
+    for key in ("student_ppl", "teacher_ppl"):
+        assert math.isclose(scores["start"][key], start[key], rel_tol=1e-5), key
+    assert math.isclose(scores["start"]["kl"], start["kl"], rel_tol=1e-4)
+    assert abs(scores["start"]["agreement"] - start["agreement"]) * start["tokens"] <= 1
 
     itself = compare_on_file(text_file, teacher, teacher, tiny_tokenizer, SEQ_LEN, 2, CPU)
     assert itself["agreement"] == 1 and abs(itself["kl"]) < 1e-6
@@ -147,7 +158,10 @@ def test_cli_eval_writes_the_report_and_the_export_card_reads_it(build_teacher, 
                                40, 1, CPU)
     assert math.isclose(report["files"][0]["student_ppl"], expected["student_ppl"], rel_tol=1e-5)
     assert (run / "eval" / "passkey.png").stat().st_size > 0
-    assert "![passkey recall](passkey.png)" in (run / "eval" / "eval.md").read_text()
+    markdown = (run / "eval" / "eval.md").read_text()
+    assert "![passkey recall](passkey.png)" in markdown
+    assert f"The start of each window alone (its first {WINDOW_START} target tokens" in markdown
+    assert markdown.count("| heldout.txt |") == 2  # whole windows, then their starts
 
     assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exported")]) == 0
     card = (tmp_path / "exported" / "README.md").read_text()

@@ -3,6 +3,11 @@
 Both read the same windows (`heldout_batches`, the training batch contract) and are scored by the
 training loss's own function (`rwkvinside.scoring.score`), so evaluation and training cannot
 disagree about what a perplexity or a KL is.
+
+The same figures are also given for the start of each window alone, its first WINDOW_START target
+tokens: there the teacher's attention has almost no context either, while a recurrent student
+begins from an empty state with an arbitrary first token, which a student that only ever saw
+windows led by the EOS (`data.eos_first`) has never had to do.
 """
 
 from __future__ import annotations
@@ -18,38 +23,46 @@ from torch import Tensor, nn
 from rwkvinside.data import heldout_batches
 from rwkvinside.scoring import final_hidden_states, score
 
-SUMS = ("student_ce", "teacher_ce", "agreement", "kl")
+SUMS = ("tokens", "student_ce", "teacher_ce", "agreement", "kl")
+WINDOW_START = 32  # target tokens at the start of a window, also scored on their own
 
 
 @torch.no_grad()
 def compare(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dict[str, Tensor]],
             device: torch.device, max_tokens: int = 0, chunk: int = 256) -> dict[str, Any]:
     """Scores over the batches: the student's (and the teacher's) perplexity, and with a teacher the
-    share of positions where their argmaxes agree and the mean KL per target token. Both models are
-    causal LMs (a student or a Hugging Face model); stops after max_tokens target tokens (0: all)."""
-    totals = dict.fromkeys(SUMS, 0.0)
-    tokens = 0
+    share of positions where their argmaxes agree and the mean KL per target token; under "start",
+    the same over each window's first WINDOW_START target tokens. Both models are causal LMs (a
+    student or a Hugging Face model); stops after max_tokens target tokens (0: all)."""
+    parts = {"start": slice(0, WINDOW_START), "rest": slice(WINDOW_START, None)}
+    totals = {part: dict.fromkeys(SUMS, 0.0) for part in parts}
     for batch in batches:
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        student_hidden = final_hidden_states(student, ids, mask)
         teacher_hidden = final_hidden_states(teacher, ids, mask) if teacher is not None else None
-        scores = score(final_hidden_states(student, ids, mask), student.get_output_embeddings(), labels,
-                       teacher_hidden, teacher.get_output_embeddings() if teacher is not None else None,
-                       chunk=chunk)
-        values = [getattr(scores, name) for name in SUMS]
-        read = torch.stack([scores.tokens.float()] + [v.float() for v in values if v is not None]).tolist()
-        tokens += int(read[0])
-        for name, value in zip([n for n, v in zip(SUMS, values) if v is not None], read[1:]):
-            totals[name] += value
-        if max_tokens and tokens >= max_tokens:
+        for part, where in parts.items():
+            scores = score(student_hidden[:, where], student.get_output_embeddings(), labels[:, where],
+                           None if teacher is None else teacher_hidden[:, where],
+                           None if teacher is None else teacher.get_output_embeddings(), chunk=chunk)
+            values = {name: getattr(scores, name) for name in SUMS}
+            read = torch.stack([v.float() for v in values.values() if v is not None]).tolist()
+            for name, value in zip([n for n, v in values.items() if v is not None], read):
+                totals[part][name] += value
+        if max_tokens and sum(part["tokens"] for part in totals.values()) >= max_tokens:
             break
+    whole = {name: totals["start"][name] + totals["rest"][name] for name in SUMS}
+    return {**_figures(whole, teacher is not None), "start": _figures(totals["start"], teacher is not None)}
+
+
+def _figures(sums: dict[str, float], with_teacher: bool) -> dict[str, Any]:
+    tokens = int(sums["tokens"])
     n = max(tokens, 1)
-    with_teacher = teacher is not None
     return {
         "tokens": tokens,
-        "student_ppl": math.exp(totals["student_ce"] / n) if tokens else float("nan"),
-        "teacher_ppl": math.exp(totals["teacher_ce"] / n) if with_teacher and tokens else None,
-        "agreement": totals["agreement"] / n if with_teacher else None,
-        "kl": totals["kl"] / n if with_teacher else None,
+        "student_ppl": math.exp(sums["student_ce"] / n) if tokens else float("nan"),
+        "teacher_ppl": math.exp(sums["teacher_ce"] / n) if with_teacher and tokens else None,
+        "agreement": sums["agreement"] / n if with_teacher else None,
+        "kl": sums["kl"] / n if with_teacher else None,
     }
 
 

@@ -3,7 +3,8 @@
 The report is a plain dict (what `evaluate` returns and eval.json holds):
 
     {"model": ..., "run": the run folder or None, "teacher": ... or None, "seq_len": N, "teacher_context": N or None,
-     "files": [{"path", "tokens", "student_ppl", "teacher_ppl", "agreement", "kl"}],
+     "files": [{"path", "tokens", "student_ppl", "teacher_ppl", "agreement", "kl",
+                "start": the same over each window's first target tokens}],
      "passkey": {"trials": N, "rows": [{"tokens", "multiple", "student", "teacher", "past_teacher_context"}]}}
 
 Teacher figures are None when no teacher was evaluated; a passkey row past the teacher's own context
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from rwkvinside.evaluation.compare import WINDOW_START
 
 EVAL_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
@@ -35,15 +38,27 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _file_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _file_rows(report: dict[str, Any], start: bool = False) -> tuple[list[str], list[list[str]]]:
+    """A row per held-out file: over whole windows, or (start) over the start of each window."""
     header = ["file", "tokens", "student ppl", "teacher ppl", "ppl ratio", "agreement",
               "KL(teacher ‖ student)"]
-    rows = [[Path(f["path"]).name, str(f["tokens"]), _number(f["student_ppl"], ".2f"),
+    figures = [(f["path"], f["start"] if start else f) for f in report["files"]]
+    rows = [[Path(path).name, str(f["tokens"]), _number(f["student_ppl"], ".2f"),
              _number(f["teacher_ppl"], ".2f"),
              _number(f["student_ppl"] / f["teacher_ppl"] if f["teacher_ppl"] else None, ".3f"),
              _number(f["agreement"], ".1%"), _number(f["kl"], ".4f")]
-            for f in report["files"]]
+            for path, f in figures]
     return header, rows
+
+
+def _start_lines(report: dict[str, Any], markdown: bool) -> list[str]:
+    """The start-of-window table with its note (none for a report written before it was measured)."""
+    if not report["files"] or not all("start" in f for f in report["files"]):
+        return []
+    note = (f"The start of each window alone (its first {WINDOW_START} target tokens, read with little "
+            "context: a recurrent student from an empty state and an arbitrary first token):")
+    rows = _file_rows(report, start=True)
+    return ["", note, "", *_markdown_table(*rows)] if markdown else ["", note, *_text_table(*rows)]
 
 
 def _passkey_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -80,7 +95,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def terminal_table(report: dict[str, Any]) -> str:
-    lines = _text_table(*_file_rows(report))
+    lines = [*_text_table(*_file_rows(report)), *_start_lines(report, markdown=False)]
     if report["passkey"]["rows"]:
         lines += ["", *_text_table(*_passkey_rows(report)), _passkey_note(report)]
     return "\n".join(lines)
@@ -90,7 +105,7 @@ def markdown_tables(report: dict[str, Any]) -> list[str]:
     """The report's tables as Markdown lines (eval.md, and the model card of an export)."""
     teacher = report["teacher"] or "none evaluated"
     lines = [f"Teacher: `{teacher}`. Windows of {report['seq_len']} tokens.", "",
-             *_markdown_table(*_file_rows(report)), ""]
+             *_markdown_table(*_file_rows(report)), *_start_lines(report, markdown=True), ""]
     if report["passkey"]["rows"]:
         lines += [*_markdown_table(*_passkey_rows(report)), "", _passkey_note(report), ""]
     return lines
