@@ -7,15 +7,15 @@
 For each batch size, `BatchSampler` (what synth runs) continues prompts from synth's default mix
 (chat 2/3, free 1/3) by 256 new tokens at most (`--new-tokens`: the cache holds the longest prompt
 plus that; `--seq-len L` instead samples as `synth --seq-len L` does: prompts of up to L/2 tokens,
-each sample run on to L tokens, prompt included), batch after batch until --tokens are sampled, after one untimed batch (the CUDA graph's
-capture). "sampled" counts the tokens kept (up to each row's end of text), "slots" every row at
-every step (rows that ended keep stepping until all have, or the step budget is spent). A random
-teacher (SmolLM2-135M's shape) rarely ends a row, so its sampled tokens are its slots. Shard
-writing (decoding the ids to text, Parquet) is timed apart, once per batch size. The teacher's
-forward throughput is a no-grad forward of --forward-batch x 2048 tokens, logits included, as
-distillation runs it. `--attention kernel torch` times each batch size twice, the decoding steps'
-attention through the Triton kernel (what synth runs on CUDA) and through the two matrix products it
-replaced (`rwkvinside.ops.decode_attention`), side by side.
+each sample run on to L tokens, prompt included), batch after batch until --tokens are sampled,
+after one untimed batch (the CUDA graph's capture). "sampled" counts the tokens kept (up to each
+row's end of text), "slots" every row at every step (rows that ended keep stepping until all have,
+or the step budget is spent). A random teacher (SmolLM2-135M's shape) rarely ends a row, so its
+sampled tokens are its slots. Shard writing (decoding the ids to text, Parquet) is timed apart, once
+per batch size. The teacher's forward throughput is a no-grad forward of --forward-batch x 2048
+tokens, logits included, as distillation runs it. `--attention kernel torch` times each batch size
+twice, the decoding steps' attention through the Triton kernel (what synth runs on CUDA) and through
+the two matrix products it replaced (`rwkvinside.ops.decode_attention`), side by side.
 
 Writes bench_synth.json to --out (default $OUT, else ./bench_out) and prints it.
 """
@@ -181,7 +181,8 @@ def main() -> None:
     results: dict[str, Any] = {"teacher": "tiny random" if args.dry_run else args.teacher,
                                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                                "cpu",
-                               "torch": torch.__version__, "new_tokens": args.new_tokens, "seq_len": args.seq_len,
+                               "torch": torch.__version__, "new_tokens": args.new_tokens,
+                               "seq_len": args.seq_len,
                                "temperature": args.temperature, "sampling": []}
     for batch in args.batch_sizes:
         for attention in args.attention:

@@ -40,14 +40,14 @@ def compare(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         student_hidden = final_hidden_states(student, ids, mask)
         teacher_hidden = final_hidden_states(teacher, ids, mask) if teacher is not None else None
+        sums = {}  # (part, name) -> a scalar on the device, read back once a batch
         for part, where in parts.items():
             scores = score(student_hidden[:, where], student.get_output_embeddings(), labels[:, where],
                            None if teacher is None else teacher_hidden[:, where],
                            None if teacher is None else teacher.get_output_embeddings(), chunk=chunk)
-            values = {name: getattr(scores, name) for name in SUMS}
-            read = torch.stack([v.float() for v in values.values() if v is not None]).tolist()
-            for name, value in zip([n for n, v in values.items() if v is not None], read):
-                totals[part][name] += value
+            sums.update({(part, name): value for name in SUMS if (value := getattr(scores, name)) is not None})
+        for (part, name), value in zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()):
+            totals[part][name] += value
         if max_tokens and sum(part["tokens"] for part in totals.values()) >= max_tokens:
             break
     whole = {name: totals["start"][name] + totals["rest"][name] for name in SUMS}
