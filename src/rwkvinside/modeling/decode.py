@@ -158,9 +158,9 @@ class SlotPosition:
                  padding: Tensor | None = None):
         self.index = torch.full((1,), start, dtype=torch.long, device=device)
         self.slots = torch.arange(capacity, device=device)
-        self.filled = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False: padding
+        self.holds_token = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False: padding
         if padding is not None:
-            self.filled[:, :start] = padding.to(device=device, dtype=torch.bool)
+            self.holds_token[:, :start] = padding.to(device=device, dtype=torch.bool)
         self.batch, self.dtype = batch, dtype
 
     def step_inputs(self) -> dict[str, Tensor]:
@@ -168,7 +168,7 @@ class SlotPosition:
         own tokens up to this one (a slot after it holds nothing yet, or a capture's leftovers), and
         the position ids [B, 1]."""
         hidden = torch.finfo(self.dtype).min
-        mask = torch.where((self.slots <= self.index) & self.filled, 0.0, hidden).to(self.dtype)
+        mask = torch.where((self.slots <= self.index) & self.holds_token, 0.0, hidden).to(self.dtype)
         return {"attention_mask": mask[:, None, None, :], "position_ids": self.index.expand(self.batch, 1)}
 
     def advance(self) -> None:
