@@ -103,7 +103,8 @@ def test_one_log_record_per_optimizer_step(run12, number, terms):
         assert record["student_ce"] > 0 and record["teacher_ce"] > 0
 
 
-SCORES = {"path", "tokens", "student_ppl", "teacher_ppl", "agreement", "kl"}
+FIGURES = {"tokens", "student_ppl", "teacher_ppl", "agreement", "kl"}
+SCORES = {"path", *FIGURES, "start"}  # start: the same figures over each window's first tokens
 
 
 def held_out_files(inputs) -> list[str]:
@@ -119,7 +120,7 @@ def test_the_report_scores_each_held_out_file(run12, inputs):
     assert set(baseline) == {"teacher", "fresh_student"}
     assert [f["path"] for f in baseline["teacher"]] == [f["path"] for f in baseline["fresh_student"]] == files
     for teacher, fresh in zip(baseline["teacher"], baseline["fresh_student"]):
-        assert set(teacher) == set(fresh) == SCORES
+        assert set(teacher) == set(fresh) == SCORES and set(teacher["start"]) == set(fresh["start"]) == FIGURES
         assert 64 <= teacher["tokens"] < 64 + BATCH * SEQ_LEN  # eval_tokens per file, whole batches
         assert teacher["student_ppl"] > 1 and math.isfinite(teacher["student_ppl"])
         assert teacher["teacher_ppl"] is None and teacher["agreement"] is None and teacher["kl"] is None
