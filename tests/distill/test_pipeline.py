@@ -155,13 +155,14 @@ def test_the_markdown_report_has_a_row_per_file_and_model(run12, inputs):
     for i, path in enumerate(held_out_files(inputs)):
         name = Path(path).name
         teacher_ppl = baseline["teacher"][i]["student_ppl"]
-        expected = [f"| {name} | teacher | {teacher_ppl:.2f} | 1.000x |  |  |"]
+        expected = [f"| {name} | teacher | {teacher_ppl:.2f} | 1.000x |  |  |  |"]
         students = [("freshly converted student", baseline["fresh_student"][i])] + [
             (f"student after stage {n}", report["stages"][str(n)]["heldout"][i]) for n in (1, 2)]
         for model, scores in students:
+            start = scores["start"]["student_ppl"] / scores["start"]["teacher_ppl"]  # each window's first tokens
             expected.append(f"| {name} | {model} | {scores['student_ppl']:.2f} | "
                             f"{scores['student_ppl'] / teacher_ppl:.3f}x | {scores['agreement']:.1%} | "
-                            f"{scores['kl']:.4f} |")
+                            f"{scores['kl']:.4f} | {start:.3f}x |")
         rows = [line for line in lines if line.startswith(f"| {name} |")]
         assert rows == expected  # the teacher, the fresh student, then the stages in order
 

@@ -36,7 +36,7 @@ from rwkvinside.distill.loop import Progress, Trainer, ended_by
 from rwkvinside.distill.metrics import SPIKE_FACTOR, SPIKE_WINDOW, RunLog, gradient_spikes, plot_alignment, read_log
 from rwkvinside.distill.stages import STAGES, Stage
 from rwkvinside.errors import UserError
-from rwkvinside.evaluation.compare import compare_on_file
+from rwkvinside.evaluation.compare import WINDOW_START, compare_on_file
 from rwkvinside.modeling.alignment import (alignment_losses, attach_teacher_attention, calibrate_output_scale,
                                            detach_teacher_attention, is_aligning, learning_rate_scales,
                                            select_trainable, swap_scores)
@@ -420,6 +420,13 @@ CHAT_PROMPT = "What is the boiling point of water in degrees Fahrenheit?"
 CONTINUATION_TOKENS = 40
 
 
+def _start_ratio(scores: dict[str, Any]) -> float | None:
+    """The student's perplexity over the start of each window as a multiple of the teacher's (None
+    without a teacher, or for a report written before the start was scored)."""
+    start = scores.get("start") or {}
+    return start["student_ppl"] / start["teacher_ppl"] if start.get("teacher_ppl") else None
+
+
 def _ratio(student: float, teacher: float | None) -> str:
     return f"{student / teacher:.3f}x" if teacher else ""
 
@@ -442,23 +449,25 @@ def render_report(report: dict[str, Any]) -> str:
                   "such spikes point to an unstable recipe (a learning rate too high for some parameters)."]
     base = report.get("baseline") or {}
     teacher_ppl = {f["path"]: f["student_ppl"] for f in base.get("teacher") or []}
-    rows = [(f["path"], "teacher", f["student_ppl"], None, None) for f in base.get("teacher") or []]
-    rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"])
+    rows = [(f["path"], "teacher", f["student_ppl"], None, None, None) for f in base.get("teacher") or []]
+    rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"], _start_ratio(f))
              for f in base.get("fresh_student") or []]
     for number, s in stages:
-        rows += [(f["path"], f"student after stage {number}", f["student_ppl"], f["agreement"], f["kl"])
-                 for f in s.get("heldout") or []]
+        rows += [(f["path"], f"student after stage {number}", f["student_ppl"], f["agreement"], f["kl"],
+                  _start_ratio(f)) for f in s.get("heldout") or []]
         for f in s.get("heldout") or []:  # scored beside the teacher: a run without a baseline has it too
             if f.get("teacher_ppl") is not None:
                 teacher_ppl.setdefault(f["path"], f["teacher_ppl"])
     if rows:
         lines += ["", "Held-out text in windows of the training length, each file scored on up to "
                   "data.eval_tokens target tokens:", "",
-                  "| file | model | perplexity | x teacher | agreement with the teacher | KL(teacher ‖ model) |",
-                  "|---|---|---|---|---|---|"]
-        for path, model, ppl, agreement, kl in sorted(rows, key=lambda row: row[0]):
+                  "| file | model | perplexity | x teacher | agreement with the teacher | KL(teacher ‖ model) "
+                  f"| x teacher, first {WINDOW_START} tokens of a window |",
+                  "|---|---|---|---|---|---|---|"]
+        for path, model, ppl, agreement, kl, start in sorted(rows, key=lambda row: row[0]):
             lines.append(f"| {Path(path).name} | {model} | {ppl:.2f} | {_ratio(ppl, teacher_ppl.get(path))} | "
-                         f"{'' if agreement is None else f'{agreement:.1%}'} | {'' if kl is None else f'{kl:.4f}'} |")
+                         f"{'' if agreement is None else f'{agreement:.1%}'} | {'' if kl is None else f'{kl:.4f}'} | "
+                         f"{'' if start is None else f'{start:.3f}x'} |")
     for number, s in stages:
         kept = s.get("kept_attention")
         if kept:
