@@ -104,7 +104,8 @@ def test_one_log_record_per_optimizer_step(run12, number, terms):
 
 
 FIGURES = {"tokens", "student_ppl", "teacher_ppl", "agreement", "kl"}
-SCORES = {"path", *FIGURES, "start"}  # start: the same figures over each window's first tokens
+PARTS = {"start", "seen", "unseen"}  # the same figures over parts of the targets (evaluation/compare.py)
+SCORES = {"path", *FIGURES, *PARTS}
 
 
 def held_out_files(inputs) -> list[str]:
@@ -120,7 +121,8 @@ def test_the_report_scores_each_held_out_file(run12, inputs):
     assert set(baseline) == {"teacher", "fresh_student"}
     assert [f["path"] for f in baseline["teacher"]] == [f["path"] for f in baseline["fresh_student"]] == files
     for teacher, fresh in zip(baseline["teacher"], baseline["fresh_student"]):
-        assert set(teacher) == set(fresh) == SCORES and set(teacher["start"]) == set(fresh["start"]) == FIGURES
+        assert set(teacher) == set(fresh) == SCORES
+        assert all(set(teacher[part]) == set(fresh[part]) == FIGURES for part in PARTS)
         assert 64 <= teacher["tokens"] < 64 + BATCH * SEQ_LEN  # eval_tokens per file, whole batches
         assert teacher["student_ppl"] > 1 and math.isfinite(teacher["student_ppl"])
         assert teacher["teacher_ppl"] is None and teacher["agreement"] is None and teacher["kl"] is None
@@ -155,14 +157,14 @@ def test_the_markdown_report_has_a_row_per_file_and_model(run12, inputs):
     for i, path in enumerate(held_out_files(inputs)):
         name = Path(path).name
         teacher_ppl = baseline["teacher"][i]["student_ppl"]
-        expected = [f"| {name} | teacher | {teacher_ppl:.2f} | 1.000x |  |  |  |"]
+        expected = [f"| {name} | teacher | {teacher_ppl:.2f} | 1.000x |  |  |  |  |"]
         students = [("freshly converted student", baseline["fresh_student"][i])] + [
             (f"student after stage {n}", report["stages"][str(n)]["heldout"][i]) for n in (1, 2)]
         for model, scores in students:
-            start = scores["start"]["student_ppl"] / scores["start"]["teacher_ppl"]  # each window's first tokens
+            start, seen = (scores[part]["student_ppl"] / scores[part]["teacher_ppl"] for part in ("start", "seen"))
             expected.append(f"| {name} | {model} | {scores['student_ppl']:.2f} | "
                             f"{scores['student_ppl'] / teacher_ppl:.3f}x | {scores['agreement']:.1%} | "
-                            f"{scores['kl']:.4f} | {start:.3f}x |")
+                            f"{scores['kl']:.4f} | {start:.3f}x | {seen:.3f}x |")
         rows = [line for line in lines if line.startswith(f"| {name} |")]
         assert rows == expected  # the teacher, the fresh student, then the stages in order
 

@@ -40,16 +40,16 @@ def text_file(tmp_path_factory):
 
 
 @torch.no_grad()
-def reference_scores(student, teacher, batches, first: int | None = None) -> dict:
+def reference_scores(student, teacher, batches, select=None) -> dict:
     """The figures `compare` reports, computed here the plain way: full-vocabulary logits of whole
-    batches from each model's own forward pass, in float64, over the target positions (the first
-    `first` of each window only, if given)."""
+    batches from each model's own forward pass, in float64, over the target positions (those that
+    select(ids, labels) -> [B, T] bool picks, if given)."""
     tokens, student_ce, teacher_ce, agree, kl = 0, 0.0, 0.0, 0, 0.0
     for batch in batches:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         target = labels != IGNORE_INDEX
-        if first is not None:
-            target &= torch.arange(labels.shape[1]) < first
+        if select is not None:
+            target &= select(ids, labels)
         ours = student(ids, attention_mask=mask, use_cache=False).logits.double()[target]  # [n, V]
         theirs = teacher(ids, attention_mask=mask, use_cache=False).logits.double()[target]
         tokens += int(target.sum())
@@ -76,14 +76,23 @@ def test_scores_match_an_independent_computation(build_teacher, tiny_tokenizer, 
     assert abs(scores["agreement"] - expected["agreement"]) * expected["tokens"] <= 1  # at most one near-tie
     assert 0 <= scores["agreement"] < 1
     assert math.isclose(scores["kl"], expected["kl"], rel_tol=1e-4) and scores["kl"] > 0
-    # The start of each window on its own: its first WINDOW_START targets.
-    start = reference_scores(student, teacher, heldout_batches([text_file], tiny_tokenizer, SEQ_LEN, 2),
-                             first=WINDOW_START)
-    assert scores["start"]["tokens"] == start["tokens"] < scores["tokens"]
-    for key in ("student_ppl", "teacher_ppl"):
-        assert math.isclose(scores["start"][key], start[key], rel_tol=1e-5), key
-    assert math.isclose(scores["start"]["kl"], start["kl"], rel_tol=1e-4)
-    assert abs(scores["start"]["agreement"] - start["agreement"]) * start["tokens"] <= 1
+    # Parts of the targets: each window's first WINDOW_START; those the input held at or before their
+    # position (a plain loop here), and the others.
+    def seen(ids, labels):
+        return torch.tensor([[int(label) in row[:t + 1].tolist() for t, label in enumerate(row_labels)]
+                             for row, row_labels in zip(ids, labels)])
+
+    selections = {"start": lambda ids, labels: torch.arange(labels.shape[1]) < WINDOW_START,
+                  "seen": seen, "unseen": lambda ids, labels: ~seen(ids, labels)}
+    for part, select in selections.items():
+        batches = heldout_batches([text_file], tiny_tokenizer, SEQ_LEN, 2)
+        part_expected = reference_scores(student, teacher, batches, select)
+        assert 0 < scores[part]["tokens"] == part_expected["tokens"] < scores["tokens"], part
+        for key in ("student_ppl", "teacher_ppl"):
+            assert math.isclose(scores[part][key], part_expected[key], rel_tol=1e-5), (part, key)
+        assert math.isclose(scores[part]["kl"], part_expected["kl"], rel_tol=1e-4), part
+        assert abs(scores[part]["agreement"] - part_expected["agreement"]) * part_expected["tokens"] <= 1, part
+    assert scores["seen"]["tokens"] + scores["unseen"]["tokens"] == scores["tokens"]
 
     itself = compare_on_file(text_file, teacher, teacher, tiny_tokenizer, SEQ_LEN, 2, CPU)
     assert itself["agreement"] == 1 and abs(itself["kl"]) < 1e-6
@@ -160,8 +169,9 @@ def test_cli_eval_writes_the_report_and_the_export_card_reads_it(build_teacher, 
     assert (run / "eval" / "passkey.png").stat().st_size > 0
     markdown = (run / "eval" / "eval.md").read_text()
     assert "![passkey recall](passkey.png)" in markdown
-    assert f"The start of each window alone (its first {WINDOW_START} target tokens" in markdown
-    assert markdown.count("| heldout.txt |") == 2  # whole windows, then their starts
+    assert f"The same over parts of the targets: the first {WINDOW_START} of each window" in markdown
+    assert markdown.count("| heldout.txt |") == 1 + 3  # whole windows, then their three parts
+    assert "| heldout.txt | seen earlier in the window |" in markdown
 
     assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exported")]) == 0
     card = (tmp_path / "exported" / "README.md").read_text()

@@ -420,11 +420,12 @@ CHAT_PROMPT = "What is the boiling point of water in degrees Fahrenheit?"
 CONTINUATION_TOKENS = 40
 
 
-def _start_ratio(scores: dict[str, Any]) -> float | None:
-    """The student's perplexity over the start of each window as a multiple of the teacher's (None
-    without a teacher, or for a report written before the start was scored)."""
-    start = scores.get("start") or {}
-    return start["student_ppl"] / start["teacher_ppl"] if start.get("teacher_ppl") else None
+def _part_ratios(scores: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The student's perplexity as a multiple of the teacher's over the start of each window and over
+    the targets seen earlier in it (None without a teacher, or for a report written before the
+    parts were scored)."""
+    parts = [scores.get(part) or {} for part in ("start", "seen")]
+    return tuple(part["student_ppl"] / part["teacher_ppl"] if part.get("teacher_ppl") else None for part in parts)
 
 
 def _ratio(student: float, teacher: float | None) -> str:
@@ -449,12 +450,12 @@ def render_report(report: dict[str, Any]) -> str:
                   "such spikes point to an unstable recipe (a learning rate too high for some parameters)."]
     base = report.get("baseline") or {}
     teacher_ppl = {f["path"]: f["student_ppl"] for f in base.get("teacher") or []}
-    rows = [(f["path"], "teacher", f["student_ppl"], None, None, None) for f in base.get("teacher") or []]
-    rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"], _start_ratio(f))
+    rows = [(f["path"], "teacher", f["student_ppl"], None, None, (None, None)) for f in base.get("teacher") or []]
+    rows += [(f["path"], "freshly converted student", f["student_ppl"], f["agreement"], f["kl"], _part_ratios(f))
              for f in base.get("fresh_student") or []]
     for number, s in stages:
         rows += [(f["path"], f"student after stage {number}", f["student_ppl"], f["agreement"], f["kl"],
-                  _start_ratio(f)) for f in s.get("heldout") or []]
+                  _part_ratios(f)) for f in s.get("heldout") or []]
         for f in s.get("heldout") or []:  # scored beside the teacher: a run without a baseline has it too
             if f.get("teacher_ppl") is not None:
                 teacher_ppl.setdefault(f["path"], f["teacher_ppl"])
@@ -462,12 +463,13 @@ def render_report(report: dict[str, Any]) -> str:
         lines += ["", "Held-out text in windows of the training length, each file scored on up to "
                   "data.eval_tokens target tokens:", "",
                   "| file | model | perplexity | x teacher | agreement with the teacher | KL(teacher ‖ model) "
-                  f"| x teacher, first {WINDOW_START} tokens of a window |",
-                  "|---|---|---|---|---|---|---|"]
-        for path, model, ppl, agreement, kl, start in sorted(rows, key=lambda row: row[0]):
-            lines.append(f"| {Path(path).name} | {model} | {ppl:.2f} | {_ratio(ppl, teacher_ppl.get(path))} | "
-                         f"{'' if agreement is None else f'{agreement:.1%}'} | {'' if kl is None else f'{kl:.4f}'} | "
-                         f"{'' if start is None else f'{start:.3f}x'} |")
+                  f"| x teacher, first {WINDOW_START} tokens of a window | x teacher, tokens seen earlier in it |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for path, model, ppl, agreement, kl, parts in sorted(rows, key=lambda row: row[0]):
+            cells = [Path(path).name, model, f"{ppl:.2f}", _ratio(ppl, teacher_ppl.get(path)),
+                     "" if agreement is None else f"{agreement:.1%}", "" if kl is None else f"{kl:.4f}",
+                     *("" if ratio is None else f"{ratio:.3f}x" for ratio in parts)]
+            lines.append("| " + " | ".join(cells) + " |")
     for number, s in stages:
         kept = s.get("kept_attention")
         if kept:

@@ -4,7 +4,7 @@ The report is a plain dict (what `evaluate` returns and eval.json holds):
 
     {"model": ..., "run": the run folder or None, "teacher": ... or None, "seq_len": N, "teacher_context": N or None,
      "files": [{"path", "tokens", "student_ppl", "teacher_ppl", "agreement", "kl",
-                "start": the same over each window's first target tokens}],
+                "start", "seen", "unseen": the same over parts of the targets (evaluation/compare.py)}],
      "passkey": {"trials": N, "rows": [{"tokens", "multiple", "student", "teacher", "past_teacher_context"}]}}
 
 Teacher figures are None when no teacher was evaluated; a passkey row past the teacher's own context
@@ -38,27 +38,36 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _file_rows(report: dict[str, Any], start: bool = False) -> tuple[list[str], list[list[str]]]:
-    """A row per held-out file: over whole windows, or (start) over the start of each window."""
-    header = ["file", "tokens", "student ppl", "teacher ppl", "ppl ratio", "agreement",
-              "KL(teacher ‖ student)"]
-    figures = [(f["path"], f["start"] if start else f) for f in report["files"]]
-    rows = [[Path(path).name, str(f["tokens"]), _number(f["student_ppl"], ".2f"),
-             _number(f["teacher_ppl"], ".2f"),
-             _number(f["student_ppl"] / f["teacher_ppl"] if f["teacher_ppl"] else None, ".3f"),
-             _number(f["agreement"], ".1%"), _number(f["kl"], ".4f")]
-            for path, f in figures]
-    return header, rows
+PARTS = {"start": f"first {WINDOW_START} of a window", "seen": "seen earlier in the window",
+         "unseen": "not seen earlier"}
 
 
-def _start_lines(report: dict[str, Any], markdown: bool) -> list[str]:
-    """The start-of-window table with its note (none for a report written before it was measured)."""
-    if not report["files"] or not all("start" in f for f in report["files"]):
+def _figure_cells(f: dict[str, Any]) -> list[str]:
+    return [str(f["tokens"]), _number(f["student_ppl"], ".2f"), _number(f["teacher_ppl"], ".2f"),
+            _number(f["student_ppl"] / f["teacher_ppl"] if f["teacher_ppl"] else None, ".3f"),
+            _number(f["agreement"], ".1%"), _number(f["kl"], ".4f")]
+
+
+FIGURE_HEADER = ["tokens", "student ppl", "teacher ppl", "ppl ratio", "agreement", "KL(teacher ‖ student)"]
+
+
+def _file_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """A row per held-out file, over whole windows."""
+    return ["file", *FIGURE_HEADER], [[Path(f["path"]).name, *_figure_cells(f)] for f in report["files"]]
+
+
+def _part_lines(report: dict[str, Any], markdown: bool) -> list[str]:
+    """The parts of each file's targets, with a note (none for a report written before they were scored)."""
+    if not report["files"] or not all(part in f for f in report["files"] for part in PARTS):
         return []
-    note = (f"The start of each window alone (its first {WINDOW_START} target tokens, read with little "
-            "context: a recurrent student from an empty state and an arbitrary first token):")
-    rows = _file_rows(report, start=True)
-    return ["", note, "", *_markdown_table(*rows)] if markdown else ["", note, *_text_table(*rows)]
+    note = (f"The same over parts of the targets: the first {WINDOW_START} of each window (read with little "
+            "context; a recurrent student starts from an empty state and an arbitrary first token), and "
+            "the tokens the window already held at or before their position (which attention can copy) "
+            "or not:")
+    rows = [[Path(f["path"]).name, label, *_figure_cells(f[part])]
+            for f in report["files"] for part, label in PARTS.items()]
+    table = (["file", "targets", *FIGURE_HEADER], rows)
+    return ["", note, "", *_markdown_table(*table)] if markdown else ["", note, *_text_table(*table)]
 
 
 def _passkey_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -95,7 +104,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def terminal_table(report: dict[str, Any]) -> str:
-    lines = [*_text_table(*_file_rows(report)), *_start_lines(report, markdown=False)]
+    lines = [*_text_table(*_file_rows(report)), *_part_lines(report, markdown=False)]
     if report["passkey"]["rows"]:
         lines += ["", *_text_table(*_passkey_rows(report)), _passkey_note(report)]
     return "\n".join(lines)
@@ -105,7 +114,7 @@ def markdown_tables(report: dict[str, Any]) -> list[str]:
     """The report's tables as Markdown lines (eval.md, and the model card of an export)."""
     teacher = report["teacher"] or "none evaluated"
     lines = [f"Teacher: `{teacher}`. Windows of {report['seq_len']} tokens.", "",
-             *_markdown_table(*_file_rows(report)), *_start_lines(report, markdown=True), ""]
+             *_markdown_table(*_file_rows(report)), *_part_lines(report, markdown=True), ""]
     if report["passkey"]["rows"]:
         lines += [*_markdown_table(*_passkey_rows(report)), "", _passkey_note(report), ""]
     return lines
