@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from rwkvinside.cli import main
 from rwkvinside.data import IGNORE_INDEX, heldout_batches
 from rwkvinside.errors import UserError
-from rwkvinside.evaluation.compare import WINDOW_START, compare, compare_on_file
+from rwkvinside.evaluation.compare import WINDOW_START, compare, compare_on_file, seen_before
 from rwkvinside.evaluation.evaluate import evaluate
 from rwkvinside.evaluation.passkey import passkey_prompt, recalled
 from rwkvinside.modeling.student_folder import save_student
@@ -98,6 +98,17 @@ def test_scores_match_an_independent_computation(build_teacher, tiny_tokenizer, 
     assert itself["agreement"] == 1 and abs(itself["kl"]) < 1e-6
     assert itself["student_ppl"] == itself["teacher_ppl"]
     assert math.isclose(itself["teacher_ppl"], expected["teacher_ppl"], rel_tol=1e-5)
+
+
+def test_seen_before_marks_the_targets_the_input_already_held():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (3, 40), generator=generator)
+    labels = torch.randint(0, 20, (3, 40), generator=generator)
+    labels[0, -5:] = IGNORE_INDEX  # padding: never a target
+    expected = [[int(label) != IGNORE_INDEX and int(label) in row[:t + 1].tolist() for t, label in enumerate(targets)]
+                for row, targets in zip(ids, labels)]
+    assert seen_before(ids, labels).tolist() == expected
+    assert 0 < sum(map(sum, expected)) < 3 * 40
 
 
 def test_compare_without_a_teacher_and_with_a_token_budget(build_teacher, tiny_tokenizer, text_file):

@@ -63,12 +63,16 @@ def compare(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
 
 
 def seen_before(ids: Tensor, labels: Tensor) -> Tensor:
-    """[B, T] bool: the target at t is a token the input already held at a position <= t (one row at a
-    time: a [T, T] comparison each)."""
-    earlier = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
-    seen = torch.stack([((row_labels[:, None] == row_ids[None, :]) & earlier).any(-1)
-                        for row_ids, row_labels in zip(ids, labels)])
-    return seen & (labels != IGNORE_INDEX)
+    """[B, T] bool: the target at t is a token the input already held at a position <= t. Each row's
+    first position of every token it holds, then one comparison per target: memory B x vocabulary,
+    not B x T x T."""
+    batch, length = ids.shape
+    positions = torch.arange(length, device=ids.device)
+    vocabulary = int(torch.maximum(ids.max(), labels.max())) + 1
+    first = torch.full((batch, vocabulary), length, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(1, ids, positions.expand(batch, -1), reduce="amin")
+    targets = labels != IGNORE_INDEX
+    return (first.gather(1, labels.clamp(min=0)) <= positions) & targets
 
 
 def _figures(sums: dict[str, float], with_teacher: bool) -> dict[str, Any]:
