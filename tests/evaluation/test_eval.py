@@ -78,12 +78,8 @@ def test_scores_match_an_independent_computation(build_teacher, tiny_tokenizer, 
     assert math.isclose(scores["kl"], expected["kl"], rel_tol=1e-4) and scores["kl"] > 0
     # Parts of the targets: each window's first WINDOW_START; those the input held at or before their
     # position (a plain loop here), and the others.
-    def seen(ids, labels):
-        return torch.tensor([[int(label) in row[:t + 1].tolist() for t, label in enumerate(row_labels)]
-                             for row, row_labels in zip(ids, labels)])
-
     selections = {"start": lambda ids, labels: torch.arange(labels.shape[1]) < WINDOW_START,
-                  "seen": seen, "unseen": lambda ids, labels: ~seen(ids, labels)}
+                  "seen": seen_by_a_plain_loop, "unseen": lambda ids, labels: ~seen_by_a_plain_loop(ids, labels)}
     for part, select in selections.items():
         batches = heldout_batches([text_file], tiny_tokenizer, SEQ_LEN, 2)
         part_expected = reference_scores(student, teacher, batches, select)
@@ -100,15 +96,20 @@ def test_scores_match_an_independent_computation(build_teacher, tiny_tokenizer, 
     assert math.isclose(itself["teacher_ppl"], expected["teacher_ppl"], rel_tol=1e-5)
 
 
+def seen_by_a_plain_loop(ids, labels) -> torch.Tensor:
+    """[B, T] bool: whether each target is a token the input held at or before its position."""
+    return torch.tensor([[int(label) != IGNORE_INDEX and int(label) in row[:t + 1].tolist()
+                          for t, label in enumerate(targets)] for row, targets in zip(ids, labels)])
+
+
 def test_seen_before_marks_the_targets_the_input_already_held():
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 20, (3, 40), generator=generator)
     labels = torch.randint(0, 20, (3, 40), generator=generator)
     labels[0, -5:] = IGNORE_INDEX  # padding: never a target
-    expected = [[int(label) != IGNORE_INDEX and int(label) in row[:t + 1].tolist() for t, label in enumerate(targets)]
-                for row, targets in zip(ids, labels)]
-    assert seen_before(ids, labels).tolist() == expected
-    assert 0 < sum(map(sum, expected)) < 3 * 40
+    expected = seen_by_a_plain_loop(ids, labels)
+    assert torch.equal(seen_before(ids, labels), expected)
+    assert 0 < int(expected.sum()) < 3 * 40
 
 
 def test_compare_without_a_teacher_and_with_a_token_budget(build_teacher, tiny_tokenizer, text_file):
