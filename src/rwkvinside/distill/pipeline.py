@@ -462,8 +462,8 @@ def render_report(report: dict[str, Any]) -> str:
     if rows:
         lines += ["", "Held-out text in windows of the training length, each file scored on up to "
                   "data.eval_tokens target tokens:", "",
-                  "| file | model | perplexity | x teacher | agreement with the teacher | KL(teacher ‖ model) "
-                  f"| x teacher, first {WINDOW_START} tokens of a window | x teacher, tokens seen earlier in it |",
+                  ("| file | model | perplexity | x teacher | agreement with the teacher | KL(teacher ‖ model) "
+                   f"| x teacher, first {WINDOW_START} tokens of a window | x teacher, tokens seen earlier in it |"),
                   "|---|---|---|---|---|---|---|---|"]
         for path, model, ppl, agreement, kl, parts in sorted(rows, key=lambda row: row[0]):
             cells = [Path(path).name, model, f"{ppl:.2f}", _ratio(ppl, teacher_ppl.get(path)),
