@@ -40,15 +40,13 @@ def _number(value: float | None, spec: str) -> str:
 
 PARTS = {"start": f"first {WINDOW_START} of a window", "seen": "seen earlier in the window",
          "unseen": "not seen earlier"}
+FIGURE_HEADER = ["tokens", "student ppl", "teacher ppl", "ppl ratio", "agreement", "KL(teacher ‖ student)"]
 
 
 def _figure_cells(f: dict[str, Any]) -> list[str]:
     return [str(f["tokens"]), _number(f["student_ppl"], ".2f"), _number(f["teacher_ppl"], ".2f"),
             _number(f["student_ppl"] / f["teacher_ppl"] if f["teacher_ppl"] else None, ".3f"),
             _number(f["agreement"], ".1%"), _number(f["kl"], ".4f")]
-
-
-FIGURE_HEADER = ["tokens", "student ppl", "teacher ppl", "ppl ratio", "agreement", "KL(teacher ‖ student)"]
 
 
 def _file_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
