@@ -48,12 +48,13 @@ def assert_same_training(eager, graphed, eager_again):
     """Every loss and gradient norm as in the eager run, every weight within 2% of one learning-rate
     step of it. The replayed kernels are the eager step's, but cuBLAS may choose other algorithms
     for the capture stream: their sums round differently (float32 epsilon), and AdamW turns a gradient
-    of rounding noise (a LoRA factor that starts at zero) into steps of up to the learning rate. Two
+    of rounding noise (a LoRA factor that starts at zero) into steps of up to the learning rate; a
+    KL of 0.02, a small difference of large log-probabilities, then moves by 2e-5 of itself. Two
     eager runs agree exactly; a learning rate or weight decay left stale in the graph moves weights
     by a sizeable fraction of a step."""
     (eager_records, eager_weights), (graphed_records, graphed_weights) = eager, graphed
     for a, b in zip(eager_records, graphed_records, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["tokens_in_step"] == b["tokens_in_step"]
     assert eager_records[0]["loss"] != pytest.approx(eager_records[-1]["loss"], rel=1e-6)  # it trained
@@ -110,3 +111,4 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(tmp_path, ca
     assert trainer.captured.failed and trainer.captured.replays == 0
     assert "capturing the training step in a CUDA graph failed" in caplog.text
     assert_same_training(eager, graphed, again)
+    torch.randn(1, device=CUDA)  # the failed capture left the random generator usable

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rwkvinside.graph_capture import capturing
+
 logger = logging.getLogger(__name__)
 
 Batches = list[dict[str, Tensor]]
@@ -93,7 +95,7 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         started = time.monotonic()
         try:
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with capturing(graph, stream=self.stream, capture_error_mode="thread_local"):
                 outputs = self.step(self.inputs)
         except RuntimeError as error:
             logger.warning("capturing the training step in a CUDA graph failed (%s); the steps run eagerly "

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from rwkvinside.graph_capture import capturing
 from rwkvinside.modeling.state import CACHE_KEYWORD, RecurrentLayer
 
 logger = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ def capture(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capturing(graph):
         step()
     return graph
 
