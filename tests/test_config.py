@@ -215,14 +215,14 @@ def test_invalid_values_name_the_field(override, named):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ([], True),  # every layer converted
+    ([], 0.5),  # every layer converted: half the windows led by the EOS
     (["convert.keep_attention=8"], False),  # attention layers stay: they need their sink from any first token
     (["convert.layers=[0, 1, 2]"], False),
     (["convert.keep_attention=8", "data.eos_first=true"], True),  # what the user says wins
     (["data.eos_first=false"], False),
-    (["convert.keep_attention=8", "data.eos_first=0.5"], 0.5),  # half the windows led by the EOS
+    (["convert.keep_attention=8", "data.eos_first=0.5"], 0.5),
 ])
-def test_eos_first_by_default_only_for_an_all_rwkv_student(overrides, expected):
+def test_eos_first_by_default_for_half_of_an_all_rwkv_students_windows(overrides, expected):
     data = load_config(overrides=overrides).data
     assert data.eos_first == expected and data.eos_first_fraction == float(expected)
 

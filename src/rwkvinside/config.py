@@ -26,6 +26,8 @@ INITIALISATIONS = ("teacher", "teacher_copy", "rwkv")  # how the time mixers sta
 KEEP_CRITERIA = ("kl", "alignment")  # how stage 1 judges the layers to keep as attention
 ALIGNMENT_LOSSES = ("relative", "mse")  # stage 1's per-layer loss
 BUDGETS = ("max_steps", "max_tokens", "max_time")
+# data.eos_first for an all-RWKV student: half the windows led by the EOS (data.eos_first says why)
+ALL_RWKV_EOS_FIRST = 0.5
 # Our dtype names, and the names torch and lm-eval give the same dtypes.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -84,14 +86,15 @@ class DataConfig:
     chat: list[str] = field(default_factory=list)  # chat data for stage 3 (JSONL/Parquet `messages`)
     eval: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 512  # tokens per training sequence
-    # every packed training sequence starts with the EOS, as a document does (off: every window is a
-    # plain slice of the stream). A window that starts mid-text puts an arbitrary token at position 0,
-    # the teacher's attention sink, and an all-RWKV student's stage-2 gradient spiked there. But a
-    # student that keeps attention layers and only ever saw the EOS first does not build their sink
-    # from an ordinary first token, as prompts and mid-text windows have (2.5x the teacher's perplexity
-    # instead of 1.2x). null (the default): on for an all-RWKV student, off where attention stays
-    # (convert.layers or convert.keep_attention). BENCHMARKS.md has both measurements. A number in
-    # [0, 1]: that fraction of the windows, spread evenly (data/packing.py), the rest plain slices.
+    # the fraction of packed training sequences that start with the EOS, as a document does; the others
+    # are plain slices of the stream (true: every one, false: none). A window that starts mid-text puts
+    # an arbitrary token at position 0, the teacher's attention sink, and stage 2's gradient spiked
+    # there. But a student that only ever saw the EOS first does not handle an ordinary first token,
+    # as prompts and mid-text windows have: a hybrid reached 2.5x the teacher's perplexity mid-text
+    # instead of 1.2x, and an all-RWKV student on an H200 continued "The capital of France is" with
+    # " 180000...". null (the default): ALL_RWKV_EOS_FIRST for an all-RWKV student (on an H200 half
+    # beat always on every held-out file, and its continuations are sound; its stage-2 spikes are back),
+    # off where attention stays (convert.layers or convert.keep_attention). BENCHMARKS.md has the runs.
     eos_first: bool | float | None = None
     eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
@@ -103,7 +106,7 @@ class DataConfig:
         """The fraction of training windows that start with the EOS. `Config` resolves eos_first=None
         from the conversion; a DataConfig used on its own (no conversion to go by) takes the all-RWKV
         default."""
-        return float(True if self.eos_first is None else self.eos_first)
+        return float(ALL_RWKV_EOS_FIRST if self.eos_first is None else self.eos_first)
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -261,7 +264,8 @@ class Config:
 
     def __post_init__(self):
         if self.data.eos_first is None:
-            self.data.eos_first = self.convert.layers is None and self.convert.keep_attention == 0
+            all_rwkv = self.convert.layers is None and self.convert.keep_attention == 0
+            self.data.eos_first = ALL_RWKV_EOS_FIRST if all_rwkv else False
         if self.train.compile and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3:
             raise ValueError("train.compile does not work with DeepSpeed ZeRO-3, which gathers each module's "
                              "partitioned weights in hooks around its own forward call: set engine.zero_stage "

@@ -69,10 +69,10 @@ def test_a_shard_named_alone_is_read_as_ids(tiny_tokenizer, tmp_path):
 def test_texts_and_samples_train_together(tiny_tokenizer, tmp_path):
     folder = write_samples(tmp_path / "synth", tiny_tokenizer, samples_of(tiny_tokenizer))
     write_docs(tmp_path / "text", DOCS)
-    loader = build_train_loader(DataConfig(seq_len=SEQ_LEN), [str(tmp_path / "text"), str(folder)], 1,
-                                tiny_tokenizer, chat=False)
+    loader = build_train_loader(DataConfig(seq_len=SEQ_LEN, eos_first=True), [str(tmp_path / "text"), str(folder)],
+                                1, tiny_tokenizer, chat=False)
     stream, eos = reference_stream(tiny_tokenizer, DOCS * 2), tiny_tokenizer.eos_token_id
-    # Each window: the EOS, then the stream's next SEQ_LEN - 1 inputs (data.eos_first, the default).
+    # Each window: the EOS, then the stream's next SEQ_LEN - 1 inputs (data.eos_first).
     windows = Counter((eos, *stream[i: i + SEQ_LEN - 1]) for i in range(0, len(stream) - SEQ_LEN + 1, SEQ_LEN))
     assert loader.steps_per_epoch == windows.total()
     epoch = islice(loader, windows.total())
@@ -158,7 +158,8 @@ def test_weighted_files_end_to_end(tiny_tokenizer, tmp_path):
     write_docs(tmp_path / "b", DOCS[2:])
     synth = write_samples(tmp_path / "synth", tiny_tokenizer, samples_of(tiny_tokenizer))
     entries = [str(tmp_path / "a"), WeightedPath(str(synth), 2.0), WeightedPath(str(tmp_path / "b"), 1.0)]
-    loader = build_train_loader(DataConfig(seq_len=SEQ_LEN, seed=1), entries, 1, tiny_tokenizer, chat=False)
+    loader = build_train_loader(DataConfig(seq_len=SEQ_LEN, seed=1, eos_first=True), entries, 1, tiny_tokenizer,
+                                chat=False)
 
     def windows(documents) -> list[tuple[int, ...]]:
         dataset = PackedDataset.from_texts(documents, tiny_tokenizer, SEQ_LEN, eos_first=True)
