@@ -1,8 +1,9 @@
 """Imports flow one way: ops <- data <- scoring <- modeling <- generation <- evaluation <- distill, export <- cli.
 
 Every module of the package is read (not imported) and each of its imports of the package, at module
-level or inside a function, must name a layer below its own or its own package. `errors`, `config`
-and `files` may be imported from anywhere; distill and export share a layer and import neither the other.
+level or inside a function, must name a layer below its own or its own package. `errors`, `config`,
+`files` and `graph_capture` may be imported from anywhere; distill and export share a layer and import
+neither the other.
 """
 
 import ast
@@ -14,7 +15,7 @@ import rwkvinside
 
 PACKAGE_ROOT = Path(rwkvinside.__file__).parent
 LAYERS = {
-    "errors": 0, "config": 0, "files": 0,
+    "errors": 0, "config": 0, "files": 0, "graph_capture": 0,
     "ops": 1,
     "data": 2,
     "scoring": 3,
@@ -24,7 +25,7 @@ LAYERS = {
     "distill": 7, "export": 7,
     "cli": 8,
 }
-SHARED = {"errors", "config", "files"}
+SHARED = {"errors", "config", "files", "graph_capture"}
 
 
 def part_of(module: str) -> str | None:
