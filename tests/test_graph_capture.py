@@ -13,10 +13,9 @@ def test_after_a_failed_capture_the_generator_draws_as_if_there_had_been_none():
     expected = torch.randn(4, device="cuda")
     torch.cuda.manual_seed(0)
     ones = torch.ones(1, device="cuda")
-    with pytest.raises(RuntimeError):
-        with capturing(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
-            torch.randn(4, device="cuda")  # a draw inside the capture, never run
-            ones.sum().item()  # a read back to the host: CUDA refuses it
+    with pytest.raises(RuntimeError), capturing(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+        torch.randn(4, device="cuda")  # a draw inside the capture, never run
+        ones.sum().item()  # a read back to the host: CUDA refuses it
     assert torch.equal(torch.randn(4, device="cuda"), expected)
 
 
