@@ -13,7 +13,7 @@ DynamicCache (StaticCache with --teacher-static); the student its own decoding l
 decode from fixed key/value buffers, so its step is captured too).
 ms/token is (t(N + steps) - t(N)) / steps over greedy runs of N and N + steps new tokens, so the
 prefill cancels out; each configuration runs once first to warm up (kernel compilation,
-autotuning), then each run length --repeats times, the fastest counted: a long prefill's time
+autotuning, a static cache at its final size), then each run length --repeats times, the fastest counted: a long prefill's time
 varies between runs, and a single pair of runs puts the difference into the per-token figure (the
 likeliest reason `generate` measured 0.19 ms above its own replayed step at 16k, and 0.02 at 4k,
 over 256 steps on an H200). Peak memory is the CUDA allocator's peak during the longer run,
@@ -142,7 +142,9 @@ def time_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
 def measure(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: int, **options: Any
             ) -> dict[str, float | None]:
     """ms per decoded token (prefill cancelled out), peak memory and cache size at this prompt shape."""
-    time_generate(model, prompt, FIRST_TOKENS, **options)  # warm-up: compilation and autotuning for these shapes
+    # Warm-up at the longer run's length: compilation and autotuning for these shapes, and a static
+    # cache at its final size (transformers keeps the largest so far, so the shorter runs reuse it).
+    time_generate(model, prompt, FIRST_TOKENS + steps, **options)
     short = min(time_generate(model, prompt, FIRST_TOKENS, **options)[0] for _ in range(repeats))
     runs = [time_generate(model, prompt, FIRST_TOKENS + steps, **options) for _ in range(repeats)]
     long, peak, cache = min(runs, key=lambda run: run[0])
@@ -260,8 +262,11 @@ def main() -> None:
         for model in (teacher, student, compiled):
             if model is not None:
                 time_generate(model, warm_up, FIRST_TOKENS + args.steps)
+        # Shortest context first, every batch size at each: transformers sizes a static cache by the
+        # longest `generate` so far (to avoid recompiling), so a context timed after a longer one
+        # would attend over the longer one's cache.
         rows = [run_config(teacher, student, compiled, context, batch, args, device)
-                for batch in args.batches for context in args.contexts]
+                for context in sorted(args.contexts) for batch in args.batches]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     source = args.teacher or teacher.name_or_path or "random"
     header = (f"Decoding, {args.dtype}, on {name}: teacher `{source}` ({teacher.config.num_hidden_layers} "
