@@ -294,3 +294,10 @@ def test_shipped_configs_load(path):
 
 def test_the_demo_config_is_shipped():
     assert any(p.name == "demo.yaml" for p in SHIPPED)
+
+
+def test_a_lead_token_is_for_an_all_rwkv_student():
+    assert load_config(overrides=["convert.lead=true"]).convert.lead
+    for kept in (["convert.keep_attention=4"], ["convert.layers=[0, 1]"]):
+        with pytest.raises(UserError, match="convert.lead needs an all-RWKV student"):
+            load_config(overrides=["convert.lead=true", *kept])

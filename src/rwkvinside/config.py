@@ -52,12 +52,21 @@ class ConvertConfig:
     # increase when only that layer is the student's; or by "alignment": its final stage-1 loss.
     keep_attention: int = 0
     keep_criterion: str = "kl"
+    # An all-RWKV student reads the EOS before every sequence it starts from an empty state, in its own
+    # forward (training, generation, evaluation, the exported model alike): its first token is then
+    # always the one whose state it learned, as the windows led by the EOS give it, while the teacher
+    # is matched on text as it comes (BENCHMARKS.md: the stage-2 spikes come from the student's own
+    # first token). Use it with data.eos_first=false.
+    lead: bool = False
 
     def __post_init__(self):
         if self.init not in INITIALISATIONS:
             raise ValueError(f"convert.init must be one of {', '.join(INITIALISATIONS)}, not '{self.init}'")
         if self.keep_attention < 0:
             raise ValueError(f"convert.keep_attention must be >= 0, not {self.keep_attention}")
+        if self.lead and (self.layers is not None or self.keep_attention):
+            raise ValueError("convert.lead needs an all-RWKV student (kept attention layers would see the lead "
+                             "at position 0): drop convert.layers and convert.keep_attention, or convert.lead")
         if self.keep_criterion not in KEEP_CRITERIA:
             raise ValueError(f"convert.keep_criterion must be one of {', '.join(KEEP_CRITERIA)}, "
                              f"not '{self.keep_criterion}'")

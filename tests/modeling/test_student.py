@@ -14,6 +14,7 @@ from rwkvinside.modeling.alignment import (alignment_losses, attach_teacher_atte
                                            detach_teacher_attention, select_trainable)
 from rwkvinside.modeling.attention import RWKVAttention
 from rwkvinside.modeling.convert import ConversionSpec, convert
+from rwkvinside.modeling.state import CACHE_KEYWORD
 from rwkvinside.modeling.student import RWKVInsideForCausalLM
 
 from .helpers import (BATCH, HIDDEN_SIZE, LENGTH, VOCAB_SIZE, aligning_student, attention_slots, perturb_,
@@ -306,3 +307,75 @@ def test_a_teacher_setting_written_through_the_student_config_is_the_one_the_mod
     assert "use_cache" not in vars(student.config)  # one copy of the fact
     student.config.trained_context = 64  # the student's own field stays its own
     assert student.config.trained_context == 64 and not hasattr(student.config.text_config, "trained_context")
+
+
+# --- a lead token (convert.lead): read before every sequence the student starts ------------------------
+
+LEAD = 7
+
+
+def lead_student(make_teacher, family: str = "llama") -> RWKVInsideForCausalLM:
+    torch.manual_seed(0)
+    return perturb_(convert(make_teacher(family), ConversionSpec(lead_token_id=LEAD))).eval()
+
+
+def logits_without_lead(student: RWKVInsideForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """The definition: the same student, its lead written into the input by hand, its output dropped."""
+    lead, student.config.lead_token_id = student.config.lead_token_id, None
+    try:
+        return student(torch.cat([torch.full_like(ids[:, :1], lead), ids], dim=1), use_cache=False).logits[:, 1:]
+    finally:
+        student.config.lead_token_id = lead
+
+
+def test_a_student_with_a_lead_reads_it_before_every_sequence(make_teacher, family):
+    student = lead_student(make_teacher, family)
+    ids = random_ids(BATCH, LENGTH, seed=4)
+    with torch.no_grad():
+        expected = logits_without_lead(student, ids)
+        torch.testing.assert_close(student(ids, use_cache=False).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(student.lm_head(student.hidden_states(ids)), expected, rtol=0, atol=0)
+        cache = student.new_cache()
+        prefill = student(ids, **{CACHE_KEYWORD: cache}).logits
+        assert cache.get_seq_length() == LENGTH  # the sequence's tokens; the lead is not one of them
+        step = student(ids[:, :1], **{CACHE_KEYWORD: cache}).logits  # a continuation reads no lead
+        whole = logits_without_lead(student, torch.cat([ids, ids[:, :1]], dim=1))
+    torch.testing.assert_close(prefill, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, whole[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_with_padding_the_lead_comes_just_before_each_rows_first_token(make_teacher):
+    """Left padding (generation) leaves the state untouched only before the lead; right padding
+    (training) follows the tokens. Each row scores as it would alone."""
+    student = lead_student(make_teacher)
+    ids = random_ids(BATCH, LENGTH, seed=5)
+    left = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    left[0, :3] = 0
+    with torch.no_grad():
+        alone = logits_without_lead(student, ids[:1, 3:])
+        torch.testing.assert_close(student(ids, left, use_cache=False).logits[:1, 3:], alone, rtol=1e-5, atol=1e-5)
+        alone = logits_without_lead(student, ids[:1, :LENGTH - 3])
+        right = student(ids, right_padding_mask(), use_cache=False).logits[:1, :LENGTH - 3]
+    torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_with_a_lead_follows_the_logits(make_teacher):
+    student = lead_student(make_teacher)
+    ids = random_ids(1, 6, seed=6)
+    with torch.no_grad():
+        tokens = student.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        expected = ids
+        for _ in range(5):
+            expected = torch.cat([expected, logits_without_lead(student, expected)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(tokens, expected)
+
+
+def test_a_lead_is_kept_through_save_and_load(make_teacher, tmp_path):
+    student = lead_student(make_teacher)
+    student.save_pretrained(tmp_path)
+    assert RWKVInsideForCausalLM.from_pretrained(tmp_path).config.lead_token_id == LEAD
+
+
+def test_a_lead_needs_every_layer_converted(make_teacher):
+    with pytest.raises(UserError, match="every layer converted"):
+        convert(make_teacher("llama"), ConversionSpec(layers=(0, 1), lead_token_id=LEAD))

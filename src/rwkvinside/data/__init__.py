@@ -9,7 +9,7 @@ from rwkvinside.data.build import build_train_loader
 from rwkvinside.data.chat import ChatDataset, assistant_tokens, check_chat_template, render_conversations
 from rwkvinside.data.heldout import heldout_batches
 from rwkvinside.data.loader import MapSource, ShardedLoader, StreamSource, WeightedSource, shuffle_buffer
-from rwkvinside.data.packing import PackedDataset, pack_windows, pad_id, tokenize_stream
+from rwkvinside.data.packing import PackedDataset, eos_id, pack_windows, pad_id, tokenize_stream
 from rwkvinside.data.sources import (Document, Record, iter_conversations, iter_documents, iter_records, iter_texts,
                                      resolve_sources)
 
@@ -29,6 +29,7 @@ __all__ = [
     "build_train_loader",
     "check_chat_template",
     "collate",
+    "eos_id",
     "heldout_batches",
     "iter_conversations",
     "iter_documents",

@@ -28,7 +28,7 @@ from torch import nn
 
 from rwkvinside.config import (Config, WeightedPath, load_config, resolve_device, resolve_dtype, save_config,
                                train_entries)
-from rwkvinside.data import build_train_loader, pad_id, resolve_sources
+from rwkvinside.data import build_train_loader, eos_id, pad_id, resolve_sources
 from rwkvinside.distill.checkpoint import checkpoints, load_checkpoint
 from rwkvinside.distill.engine import (join_process_group, launched_world, leave_process_group, make_engine,
                                        read_deepspeed_json, sum_over_processes)
@@ -173,10 +173,11 @@ def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: i
                               chat=stage.data == "chat", rank=rank, world_size=world_size)
 
 
-def conversion_spec(config: Config) -> ConversionSpec:
+def conversion_spec(config: Config, tokenizer) -> ConversionSpec:
     c = config.convert
     return ConversionSpec(layers=tuple(c.layers) if c.layers is not None else None, head_size=c.head_size,
-                          init=c.init, untie_embeddings=c.untie_embeddings)
+                          init=c.init, untie_embeddings=c.untie_embeddings,
+                          lead_token_id=eos_id(tokenizer) if c.lead else None)
 
 
 class Pipeline:
@@ -255,7 +256,8 @@ class Pipeline:
         if stage.aligns:
             seed_everything(self.config.train.seed)
             teacher = self.teacher.model()
-            student, tokenizer = convert(teacher, conversion_spec(self.config)), self.teacher.tokenizer()
+            tokenizer = self.teacher.tokenizer()
+            student = convert(teacher, conversion_spec(self.config, tokenizer))
             attach_teacher_attention(student, teacher)
         else:
             student, tokenizer, _ = load_student(previous, dtype=self.dtype, device=self.device)

@@ -23,6 +23,9 @@ class RWKVInsideConfig(PreTrainedConfig):
             The time mixers' head size; None means the teacher's head_dim.
         trained_context (`int`, *optional*):
             The longest sequence the student was distilled on, if known.
+        lead_token_id (`int`, *optional*):
+            A token the student reads before every sequence it starts from an empty state (the EOS),
+            just before the first real token; its output is dropped. None: no lead.
 
     Every attribute of the teacher's configuration reads through this one as well (`config.vocab_size`,
     `config.num_hidden_layers`, ...), as generic tools expect of a causal LM's config.
@@ -33,6 +36,7 @@ class RWKVInsideConfig(PreTrainedConfig):
     rwkv_layers: list[int] | None = None
     head_size: int | None = None
     trained_context: int | None = None
+    lead_token_id: int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -34,12 +34,14 @@ class ConversionSpec:
         projections saw (`start_like_the_teacher`); "teacher_copy" copies them, the rest by the
         RWKV-7 initialisation; "rwkv" uses the RWKV-7 initialisation throughout.
     untie_embeddings: a student of a teacher with tied embeddings gets an LM head of its own (a copy).
+    lead_token_id: a token an all-RWKV student reads before every sequence it starts (RWKVInsideConfig).
     """
 
     layers: tuple[int, ...] | None = None
     head_size: int | None = None
     init: str = "teacher"
     untie_embeddings: bool = False
+    lead_token_id: int | None = None
 
 
 def check_uniform(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -63,12 +65,15 @@ def student_config(teacher: nn.Module, spec: ConversionSpec, trained_context: in
     geometry = AttentionGeometry.of(teacher.config)
     layers = check_rwkv_layers(spec.layers, geometry.num_layers)
     check_head_size(spec.head_size, family, geometry)
+    if spec.lead_token_id is not None and len(layers) < geometry.num_layers:
+        raise UserError("a lead token needs every layer converted (kept attention layers would see it at "
+                        "position 0); drop convert.lead or convert.layers")
     text_config = teacher.config.to_dict()
     text_config["use_cache"] = True  # generation caches; a loaded teacher may have it off
     if spec.untie_embeddings:
         text_config["tie_word_embeddings"] = False
     return RWKVInsideConfig(text_config=text_config, rwkv_layers=list(layers), head_size=spec.head_size,
-                            trained_context=trained_context)
+                            trained_context=trained_context, lead_token_id=spec.lead_token_id)
 
 
 def convert(teacher: nn.Module, spec: ConversionSpec = ConversionSpec()) -> RWKVInsideForCausalLM:

@@ -68,6 +68,27 @@ def mixer_config(attention: nn.Module, family: TeacherFamily, geometry: Attentio
     )
 
 
+def with_lead(lead: int, input_ids: Tensor, attention_mask: Tensor | None
+              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """input_ids [B, T] with `lead` read just before each row's first real token (after any left
+    padding, which leaves the state untouched only where it comes first), the mask to match, and
+    where each original position went ([B, T]; None: position t went to t + 1, no padding)."""
+    if attention_mask is None:
+        return torch.cat([input_ids.new_full((input_ids.shape[0], 1), lead), input_ids], dim=1), None, None
+    first = attention_mask.int().argmax(dim=1, keepdim=True)  # each row's first real token
+    led = torch.cat([input_ids[:, :1], input_ids], dim=1).scatter(1, first, lead)
+    led_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1).scatter(1, first, 1)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return led, led_mask, positions + (positions >= first).long()
+
+
+def without_lead(hidden: Tensor, moved: Tensor | None) -> Tensor:
+    """[B, T + 1, C] -> [B, T, C]: the outputs at the original positions (`with_lead`'s `moved`)."""
+    if moved is None:
+        return hidden[:, 1:]
+    return hidden.gather(1, moved[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 class RWKVInsidePreTrainedModel(PreTrainedModel):
     config_class = RWKVInsideConfig
     base_model_prefix = "model"
@@ -153,7 +174,12 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         """The final hidden states [B, T, C] (after the last norm), before the LM head: losses apply the
         head a chunk of the sequence at a time, so full-vocabulary logits never exist for a whole batch."""
         self.check_inputs(input_ids, attention_mask)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        lead = self.config.lead_token_id
+        if lead is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        led, led_mask, moved = with_lead(lead, input_ids, attention_mask)
+        return without_lead(self.model(input_ids=led, attention_mask=led_mask, use_cache=False).last_hidden_state,
+                            moved)
 
     def forward(
         self,
@@ -176,9 +202,25 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = self.new_cache()
         kwargs[CACHE_KEYWORD] = cache
+        leads = self.config.lead_token_id is not None and (cache is None or cache.get_seq_length() == 0)
+        moved = None
+        if leads:
+            if input_ids is None:
+                raise ValueError("a student with a lead token reads input_ids, not inputs_embeds")
+            # Every layer is RWKV-7 (convert checks it): positions are read by no layer.
+            input_ids, attention_mask, moved = with_lead(self.config.lead_token_id, input_ids, attention_mask)
+            position_ids = None
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden_states = outputs.last_hidden_state
+        all_hidden_states = outputs.hidden_states
+        if leads:
+            hidden_states = without_lead(hidden_states, moved)
+            if all_hidden_states is not None:
+                all_hidden_states = tuple(without_lead(h, moved) for h in all_hidden_states)
+            if cache is not None:  # the cache counts the sequence's tokens, not the lead
+                for layer in cache.layers:
+                    layer.length -= 1
         # Only the positions whose logits are asked for (generate asks for the last one).
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
@@ -186,7 +228,7 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels,
                                       vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden_states,
                                       attentions=outputs.attentions,
                                       **{CACHE_KEYWORD: getattr(outputs, CACHE_KEYWORD)})
 
