@@ -23,6 +23,7 @@ OVERRIDES = {
     "convert.untie_embeddings": ("true", True),
     "convert.keep_attention": ("8", 8),
     "convert.keep_criterion": ("alignment", "alignment"),
+    "convert.lead": ("true", True),
     "data.train": ("[a.txt, b/]", ["a.txt", "b/"]),
     "data.chat": ("chat.jsonl", ["chat.jsonl"]),  # a single path where a list is expected
     "data.eval": ("[held.txt]", ["held.txt"]),
@@ -221,6 +222,7 @@ def test_invalid_values_name_the_field(override, named):
     (["convert.keep_attention=8", "data.eos_first=true"], True),  # what the user says wins
     (["data.eos_first=false"], False),
     (["convert.keep_attention=8", "data.eos_first=0.5"], 0.5),
+    (["convert.lead=true"], False),  # the student reads the EOS first in its own forward
 ])
 def test_eos_first_by_default_for_half_of_an_all_rwkv_students_windows(overrides, expected):
     data = load_config(overrides=overrides).data

@@ -56,7 +56,7 @@ class ConvertConfig:
     # forward (training, generation, evaluation, the exported model alike): its first token is then
     # always the one whose state it learned, as the windows led by the EOS give it, while the teacher
     # is matched on text as it comes (BENCHMARKS.md: the stage-2 spikes come from the student's own
-    # first token). Use it with data.eos_first=false.
+    # first token). data.eos_first then defaults to false.
     lead: bool = False
 
     def __post_init__(self):
@@ -103,7 +103,8 @@ class DataConfig:
     # instead of 1.2x, and an all-RWKV student on an H200 continued "The capital of France is" with
     # " 180000...". null (the default): ALL_RWKV_EOS_FIRST for an all-RWKV student (on an H200 half
     # beat always on every held-out file, and its continuations are sound; its stage-2 spikes are back),
-    # off where attention stays (convert.layers or convert.keep_attention). BENCHMARKS.md has the runs.
+    # off where attention stays (convert.layers or convert.keep_attention) and where the student reads
+    # a lead of its own (convert.lead). BENCHMARKS.md has the runs.
     eos_first: bool | float | None = None
     eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
@@ -274,7 +275,8 @@ class Config:
     def __post_init__(self):
         if self.data.eos_first is None:
             all_rwkv = self.convert.layers is None and self.convert.keep_attention == 0
-            self.data.eos_first = ALL_RWKV_EOS_FIRST if all_rwkv else False
+            # a student with convert.lead reads the EOS first already
+            self.data.eos_first = ALL_RWKV_EOS_FIRST if all_rwkv and not self.convert.lead else False
         if self.train.compile and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3:
             raise ValueError("train.compile does not work with DeepSpeed ZeRO-3, which gathers each module's "
                              "partitioned weights in hooks around its own forward call: set engine.zero_stage "
