@@ -114,6 +114,19 @@ def test_remote_code_matches_the_toolkit_for_every_family(build_teacher, tiny_to
     assert AutoConfig.from_pretrained(folder, trust_remote_code=True).vocab_size == 320
 
 
+def test_an_exported_student_reads_its_lead(build_teacher, tiny_tokenizer, tmp_path, remote_code_cache):
+    """convert.lead travels in config.json, and the generated code reads the lead as the toolkit does."""
+    student = tiny_student(build_teacher, layers=None)
+    student.config.lead_token_id = tiny_tokenizer.eos_token_id
+    save_student(student, tiny_tokenizer, tmp_path / "student", PROVENANCE)
+    folder = export_student(tmp_path / "student", tmp_path / "exported", dtype="fp32")
+    exported = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert exported.config.lead_token_id == tiny_tokenizer.eos_token_id
+    torch.testing.assert_close(logits(exported), logits(student), rtol=1e-5, atol=1e-5)
+    exported.config.lead_token_id = None
+    assert not torch.allclose(logits(exported), logits(student), rtol=1e-3, atol=1e-3)  # the lead mattered
+
+
 LOAD_WITHOUT_RWKVINSIDE = """
 import importlib.abc, json, sys
 
