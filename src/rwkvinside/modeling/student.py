@@ -174,12 +174,23 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         """The final hidden states [B, T, C] (after the last norm), before the LM head: losses apply the
         head a chunk of the sequence at a time, so full-vocabulary logits never exist for a whole batch."""
         self.check_inputs(input_ids, attention_mask)
-        lead = self.config.lead_token_id
-        if lead is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        led, led_mask, moved = with_lead(lead, input_ids, attention_mask)
-        return without_lead(self.model(input_ids=led, attention_mask=led_mask, use_cache=False).last_hidden_state,
-                            moved)
+        leads = self.config.lead_token_id is not None
+        return self._body(input_ids, attention_mask, leads, use_cache=False).last_hidden_state
+
+    def _body(self, input_ids: Tensor | None, attention_mask: Tensor | None, leads: bool, **kwargs):
+        """The decoder body's outputs; where `leads`, with the lead read first and its position taken
+        out of the hidden states again (`with_lead`)."""
+        if not leads:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            raise ValueError("a student with a lead token reads input_ids, not inputs_embeds")
+        led, led_mask, moved = with_lead(self.config.lead_token_id, input_ids, attention_mask)
+        kwargs["position_ids"] = None  # every layer is RWKV-7 (convert checks it): none reads positions
+        outputs = self.model(input_ids=led, attention_mask=led_mask, **kwargs)
+        outputs.last_hidden_state = without_lead(outputs.last_hidden_state, moved)
+        if outputs.hidden_states is not None:
+            outputs.hidden_states = tuple(without_lead(h, moved) for h in outputs.hidden_states)
+        return outputs
 
     def forward(
         self,
@@ -203,24 +214,12 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         kwargs[CACHE_KEYWORD] = cache
         leads = self.config.lead_token_id is not None and (cache is None or cache.get_seq_length() == 0)
-        moved = None
-        if leads:
-            if input_ids is None:
-                raise ValueError("a student with a lead token reads input_ids, not inputs_embeds")
-            # Every layer is RWKV-7 (convert checks it): positions are read by no layer.
-            input_ids, attention_mask, moved = with_lead(self.config.lead_token_id, input_ids, attention_mask)
-            position_ids = None
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        outputs = self._body(input_ids, attention_mask, leads, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, **kwargs)
+        if leads and cache is not None:  # the cache counts the sequence's tokens, not the lead
+            for layer in cache.layers:
+                layer.length -= 1
         hidden_states = outputs.last_hidden_state
-        all_hidden_states = outputs.hidden_states
-        if leads:
-            hidden_states = without_lead(hidden_states, moved)
-            if all_hidden_states is not None:
-                all_hidden_states = tuple(without_lead(h, moved) for h in all_hidden_states)
-            if cache is not None:  # the cache counts the sequence's tokens, not the lead
-                for layer in cache.layers:
-                    layer.length -= 1
         # Only the positions whose logits are asked for (generate asks for the last one).
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
@@ -228,7 +227,7 @@ class RWKVInsideForCausalLM(RWKVInsidePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels,
                                       vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden_states,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions,
                                       **{CACHE_KEYWORD: getattr(outputs, CACHE_KEYWORD)})
 
