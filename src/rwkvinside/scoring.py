@@ -235,5 +235,10 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """The last hidden states [B, T, C] of a causal LM (a student or a Hugging Face model), before its head."""
+    """The last hidden states [B, T, C] of a causal LM, before its head. A student (ours or its export)
+    gives them through its own `hidden_states`, which reads its lead (convert.lead) as its forward does:
+    its body alone would score it on input it was never trained on. A Hugging Face model: its body."""
+    own = getattr(model, "hidden_states", None)
+    if callable(own):
+        return own(input_ids, attention_mask)
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

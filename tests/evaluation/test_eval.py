@@ -16,6 +16,7 @@ from rwkvinside.errors import UserError
 from rwkvinside.evaluation.compare import WINDOW_START, compare, compare_on_file, seen_before
 from rwkvinside.evaluation.evaluate import evaluate
 from rwkvinside.evaluation.passkey import passkey_prompt, recalled
+from rwkvinside.export.export import export_student
 from rwkvinside.modeling.student_folder import save_student
 
 TEXT = "To be, or not to be, that is the question. The quick brown fox jumps over the lazy dog. " * 12
@@ -125,6 +126,28 @@ def test_compare_without_a_teacher_and_with_a_token_budget(build_teacher, tiny_t
     first = reference_scores(student, student, batches[:1])
     assert budget["tokens"] == first["tokens"] == 2 * SEQ_LEN
     assert math.isclose(budget["student_ppl"], first["student_ppl"], rel_tol=1e-5)
+
+
+def test_a_student_with_a_lead_is_scored_reading_its_lead(build_teacher, tiny_tokenizer, text_file, tmp_path,
+                                                          remote_code_cache):
+    """convert.lead: evaluation scores the student as its forward runs (the EOS read first), not its body
+    alone, which reads input it was never trained on; the same for its export through remote code."""
+    student, teacher = tiny_student(build_teacher, layers=None), build_teacher("llama")
+    student.config.lead_token_id = tiny_tokenizer.eos_token_id
+    scores = compare_on_file(text_file, student, teacher, tiny_tokenizer, SEQ_LEN, 2, CPU, chunk=16)
+    expected = reference_scores(student, teacher, heldout_batches([text_file], tiny_tokenizer, SEQ_LEN, 2))
+    for key in ("student_ppl", "kl"):
+        assert math.isclose(scores[key], expected[key], rel_tol=1e-4), (key, scores[key], expected[key])
+    student.config.lead_token_id = None
+    unled = compare_on_file(text_file, student, teacher, tiny_tokenizer, SEQ_LEN, 2, CPU, chunk=16)
+    assert not math.isclose(unled["student_ppl"], scores["student_ppl"], rel_tol=1e-3)  # the lead mattered
+
+    student.config.lead_token_id = tiny_tokenizer.eos_token_id
+    save_student(student, tiny_tokenizer, tmp_path / "student", {"teacher": "tiny-random"})
+    exported = AutoModelForCausalLM.from_pretrained(export_student(tmp_path / "student", tmp_path / "exported",
+                                                                   dtype="fp32"), trust_remote_code=True).eval()
+    theirs = compare_on_file(text_file, exported, teacher, tiny_tokenizer, SEQ_LEN, 2, CPU, chunk=16)
+    assert math.isclose(theirs["student_ppl"], scores["student_ppl"], rel_tol=1e-5)
 
 
 def test_compare_scores_an_export_loaded_through_remote_code(build_teacher, tiny_tokenizer, text_file,
