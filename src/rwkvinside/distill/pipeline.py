@@ -449,9 +449,10 @@ def render_report(report: dict[str, Any]) -> str:
         lines += ["", f"Stage {number}: {spikes['count']} of {spikes['steps_judged']} steps had a gradient norm above "
                   f"{SPIKE_FACTOR:g}x the median of the {SPIKE_WINDOW} steps before (the worst: {worst['grad_norm']:.4g} "
                   f"at step {worst['step']}, median {worst['median']:.3g}); clipping bounded the updates, but "
-                  "such spikes point to an unstable recipe: windows cut mid-text (data.eos_first below 1) put an "
-                  "arbitrary token at position 0, the teacher's attention sink, and in the RWKV-7 layers its "
-                  "state reaches every later token; or a learning rate too high for some parameters."]
+                  "such spikes point to an unstable recipe: windows cut mid-text with no EOS before them "
+                  "(data.eos_first below 1 without convert.lead) put an arbitrary token at position 0, the "
+                  "teacher's attention sink, and in the RWKV-7 layers its state reaches every later token; "
+                  "or a learning rate too high for some parameters."]
     base = report.get("baseline") or {}
     teacher_ppl = {f["path"]: f["student_ppl"] for f in base.get("teacher") or []}
     rows = [(f["path"], "teacher", f["student_ppl"], None, None, (None, None)) for f in base.get("teacher") or []]
