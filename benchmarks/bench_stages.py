@@ -27,6 +27,9 @@ next tokens, a fixed seed):
 - with --compile, each stage step again with `train.compile` (the work around the state updates
   compiled: the time mixers' steps, the norms and MLPs), right after the same step without it; "warmup_s" holds the untimed steps' seconds,
   the first of which pays the compilation;
+- with --lead, the student reads a lead token before each sequence (`convert.lead`): "extra" as one
+  token more than --seq-len (the toolkit until 2026-12-07), "within" as the first of --seq-len (its
+  windows one token shorter, as `rwkvinside distill` now cuts them); tokens/s counts the targets;
 - with --cuda-graph, each stage step again with `train.compile` and `train.cuda_graph` (the step
   replayed from a CUDA graph; its untimed warm-up runs at least to the step that captures).
 
@@ -131,6 +134,8 @@ MEASUREMENTS = {  # key -> row label, in the order of the table
     "stage2_mixers_compiled": "stage 2, trainable=mixers, train.compile",
     "stage2_mixers_graphed": "stage 2, trainable=mixers, train.compile + train.cuda_graph",
 }
+LEADS = ("none", "extra", "within")  # --lead
+LEAD_TOKEN = 0  # any id: the step's cost does not depend on it
 TEACHER_LR = 1e-5  # a full fine-tuning learning rate; the step's cost does not depend on it
 LOSS_TOLERANCE = 2e-2  # relative; bf16 runs on different process counts agree to about 1e-2
 
@@ -166,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="parts not to measure, to split a run over several commands (give each its own --out)")
     p.add_argument("--compile", action="store_true",
                    help="also measure each stage step with train.compile (after the same step without)")
+    p.add_argument("--lead", choices=LEADS, default="none",
+                   help="the student's lead token: none, one more than --seq-len, or the first of them")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also measure each stage step with train.compile and train.cuda_graph (its profile "
                         "shows the replayed graph's kernels without the code's labels)")
@@ -291,6 +298,15 @@ def synthetic_batches(vocab_size: int, seq_len: int, global_batch: int, seed: in
                "attention_mask": torch.ones_like(input_ids)}
 
 
+def window_len(args: argparse.Namespace) -> int:
+    """Tokens of text a sequence holds: --seq-len, less the lead where the lead is one of them."""
+    return args.seq_len - 1 if args.lead == "within" else args.seq_len
+
+
+def conversion(args: argparse.Namespace) -> ConversionSpec:
+    return ConversionSpec(lead_token_id=None if args.lead == "none" else LEAD_TOKEN)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -315,7 +331,7 @@ def trainer_step(stage: Stage, config: Config, student: nn.Module, teacher: nn.M
     engine = make_engine(student, trainable, config.train, config.engine, world.device, world.dtype,
                          learning_rate_scales(student, trainable, stage_config.teacher_lr_scale))
     vocab_size = student.config.text_config.vocab_size
-    loader = synthetic_batches(vocab_size, args.seq_len, args.batch_size, args.seed, world)
+    loader = synthetic_batches(vocab_size, window_len(args), args.batch_size, args.seed, world)
     log = RunLog(None, f"stage{stage.number}", None, progress=False, tensorboard=False)  # writes nothing
     trainer = Trainer(stage, config, student, teacher, loader, engine, Path(args.out), log)
     student.train()
@@ -346,7 +362,7 @@ def build_stage1(teacher: nn.Module, args: argparse.Namespace, world: World, var
     """Stage 1 as the pipeline builds it: the student shares the teacher's tensors and holds its
     attentions beside the time mixers."""
     torch.manual_seed(args.seed)  # the mixers' initialisation
-    student = convert(teacher, ConversionSpec())
+    student = convert(teacher, conversion(args))
     attach_teacher_attention(student, teacher)
     config = run_config(args, world, "mixers", False, variant)
     return trainer_step(STAGES[1], config, student, None, args, world)
@@ -357,7 +373,7 @@ def build_stage2(teacher: nn.Module, trainable: str, args: argparse.Namespace, w
     """Stage 2: a student with weights of its own (the pipeline loads stage 1's from its folder; here a
     converted copy of the teacher) beside the frozen teacher, which gives the logits."""
     torch.manual_seed(args.seed)
-    student = convert(copy.deepcopy(teacher), ConversionSpec())  # the copy's attentions go with it
+    student = convert(copy.deepcopy(teacher), conversion(args))  # the copy's attentions go with it
     config = run_config(args, world, trainable, args.deepspeed, variant)
     return trainer_step(STAGES[2], config, student, teacher, args, world)
 
@@ -366,7 +382,7 @@ def teacher_batches(teacher: nn.Module, args: argparse.Namespace, world: World
                     ) -> Iterator[dict[str, Tensor]]:
     """The teacher's micro-batches: all of a step's sequences (batch-size x grad-accum) at once, on the
     device. No attention mask: packed text masks nothing, and the Trainer drops such masks too."""
-    batches = synthetic_batches(teacher.config.vocab_size, args.seq_len, args.batch_size * args.grad_accum,
+    batches = synthetic_batches(teacher.config.vocab_size, window_len(args), args.batch_size * args.grad_accum,
                                 args.seed, world)
     for batch in batches:
         yield {key: batch[key].to(world.device) for key in ("input_ids", "labels")}
@@ -445,7 +461,7 @@ def measure(key: str, build: Callable[[], Step], args: argparse.Namespace, world
     under the profiler; the step's objects are freed before returning."""
     logger.info("%s: building", MEASUREMENTS[key])
     free_memory(world.device)
-    tokens = args.batch_size * args.grad_accum * args.seq_len  # per optimizer step, all processes
+    tokens = args.batch_size * args.grad_accum * window_len(args)  # targets per optimizer step, all processes
     result: dict[str, Any] = {"label": MEASUREMENTS[key], "tokens_per_step": tokens}
     step = None
     try:
@@ -683,7 +699,7 @@ def cold_start(model: str, args: argparse.Namespace, tuned_record: bool = True) 
             "--models", model, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
             "--seq-len", str(args.seq_len)]
         command = [sys.executable, str(Path(__file__).resolve()), *sizes, "--teacher", args.teacher,
-                   "--seed", str(args.seed), "--out", scratch, "--cold-start-child", str(result_path),
+                   "--seed", str(args.seed), "--lead", args.lead, "--out", scratch, "--cold-start-child", str(result_path),
                    *([] if tuned_record else ["--without-tuned-record"])]
         env = {**os.environ, "TRITON_CACHE_DIR": cache}
         logger.info("cold start: %s (TRITON_CACHE_DIR=%s)", " ".join(command), cache)
@@ -800,7 +816,8 @@ def git_commit() -> str:
 
 def result_name(model: str, args: argparse.Namespace, world: World) -> str:
     suffix = f"-deepspeed-{world.size}gpu" if args.deepspeed else ""
-    return f"bench_stages-{model}{suffix}"
+    lead = f"-lead-{args.lead}" if args.lead != "none" else ""
+    return f"bench_stages-{model}{lead}{suffix}"
 
 
 def compare_losses(report: dict[str, Any], out: Path, model: str, world: World) -> dict[str, Any]:
@@ -836,13 +853,16 @@ def _cell(value: float | None, spec: str) -> str:
 def steps_table(report: dict[str, Any], settings: dict[str, Any]) -> str:
     shape, deepspeed = report["shape"], settings["deepspeed"]
     processes = f" per process, {report['world_size']} process(es)" if deepspeed else ""
-    teacher = "" if deepspeed else f"; teacher {settings['teacher_micro_batch']} x {settings['seq_len']}"
+    window = settings["tokens_per_step"] // settings["teacher_micro_batch"]
+    teacher = "" if deepspeed else f"; teacher {settings['teacher_micro_batch']} x {window}"
+    lead = {"none": "", "extra": f", a lead token before each {window}",
+            "within": f", a lead token and {window} of text"}[settings.get("lead", "none")]
     engine = "DeepSpeed ZeRO-2" if deepspeed else "plain"
     clock = "device" if settings["device_type"] == "cuda" else "CPU"
     header = (f"Training steps, {settings['dtype']}, on {report['device']}: {report['model']} (teacher "
               f"`{report['teacher']}`, {shape['layers']} layers, width {shape['hidden_size']}, "
               f"{shape['heads']} heads of {shape['head_size']}), {settings['tokens_per_step']} tokens per "
-              f"optimizer step (student {settings['micro_batch_per_process']} x {settings['seq_len']} per "
+              f"optimizer step (student {settings['micro_batch_per_process']} x {settings['seq_len']}{lead} per "
               f"micro-batch{processes}, grad_accum {settings['grad_accum']}{teacher}), "
               f"engine {engine}. Median of {settings['steps']} steps after {settings['warmup']} warm-up "
               f"steps. Profiler columns: {clock} ms of one profiled step under each label, backward "
@@ -950,7 +970,7 @@ def main() -> None:
                 "device_type": world.device.type, "dtype": str(world.dtype).removeprefix("torch."),
                 "micro_batch_per_process": args.batch_size // world.size,
                 "teacher_micro_batch": args.batch_size * args.grad_accum,
-                "tokens_per_step": args.batch_size * args.grad_accum * args.seq_len,
+                "tokens_per_step": args.batch_size * args.grad_accum * window_len(args),
                 "engine": "deepspeed, ZeRO-2" if args.deepspeed else "plain"}
             name = result_name(model, args, world)
 

@@ -58,6 +58,19 @@ def test_bench_stages_compiled_rows_follow_their_eager_rows(tmp_path):
         assert compiled["losses"] == pytest.approx(measured[eager]["losses"], rel=1e-5)
 
 
+@pytest.mark.slow  # two Python processes that import torch and transformers: ~20 s on 2 cores
+@pytest.mark.parametrize("lead, window", [("extra", 32), ("within", 31)])
+def test_bench_stages_lead_counts_the_targets_of_the_windows_it_trains_on(tmp_path, lead, window):
+    script = ROOT / "benchmarks" / "bench_stages.py"
+    subprocess.run([sys.executable, str(script), "--dry-run", "--lead", lead, "--rows", "stage1", "stage2_all",
+                    "--skip", "wkv7", "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=300)
+    report = json.loads((tmp_path / f"bench_stages-tiny-lead-{lead}.json").read_text())
+    assert report["settings"]["lead"] == lead
+    for key, result in report["measurements"].items():
+        assert result["tokens_per_step"] == 2 * window, key
+        assert result["tokens_per_s"] > 0 and all(loss == loss for loss in result["losses"]), key
+
+
 @pytest.mark.slow  # one Python process that imports torch and transformers: ~15 s on 2 cores
 def test_probe_host_dry_run():
     script = ROOT / "benchmarks" / "probe_host.py"
