@@ -23,12 +23,12 @@ OVERRIDES = {
     "convert.untie_embeddings": ("true", True),
     "convert.keep_attention": ("8", 8),
     "convert.keep_criterion": ("alignment", "alignment"),
-    "convert.lead": ("true", True),
+    "convert.lead": ("false", False),
     "data.train": ("[a.txt, b/]", ["a.txt", "b/"]),
     "data.chat": ("chat.jsonl", ["chat.jsonl"]),  # a single path where a list is expected
     "data.eval": ("[held.txt]", ["held.txt"]),
     "data.seq_len": ("1024", 1024),
-    "data.eos_first": ("false", False),
+    "data.eos_first": ("0.5", 0.5),
     "data.eval_tokens": ("0", 0),
     "data.streaming": ("true", True),
     "data.shuffle_buffer": ("50", 50),
@@ -207,6 +207,7 @@ def test_mistyped_values_name_the_key(override, key, expected):
     ("stage1.lr_final=1", "lr_final"),
     ("engine.zero_stage=4", "engine.zero_stage"),
     ("data.seq_len=1", "data.seq_len"),
+    ("data.seq_len=2", "data.seq_len must be at least 3 with convert.lead"),  # the lead and one token of text
     ("data.eos_first=1.5", "data.eos_first"),
     ("stage3.max_steps=0", "budget"),
 ])
@@ -216,7 +217,8 @@ def test_invalid_values_name_the_field(override, named):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ([], 0.5),  # every layer converted: half the windows led by the EOS
+    ([], False),  # every layer converted: the student reads its own lead (convert.lead)
+    (["convert.lead=false"], 0.5),  # every layer converted, no lead: half the windows led by the EOS
     (["convert.keep_attention=8"], False),  # attention layers stay: they need their sink from any first token
     (["convert.layers=[0, 1, 2]"], False),
     (["convert.keep_attention=8", "data.eos_first=true"], True),  # what the user says wins
@@ -224,7 +226,7 @@ def test_invalid_values_name_the_field(override, named):
     (["convert.keep_attention=8", "data.eos_first=0.5"], 0.5),
     (["convert.lead=true"], False),  # the student reads the EOS first in its own forward
 ])
-def test_eos_first_by_default_for_half_of_an_all_rwkv_students_windows(overrides, expected):
+def test_eos_first_by_default_for_half_of_the_windows_of_an_all_rwkv_student_without_its_lead(overrides, expected):
     data = load_config(overrides=overrides).data
     assert data.eos_first == expected and data.eos_first_fraction == float(expected)
 
@@ -296,6 +298,16 @@ def test_shipped_configs_load(path):
 
 def test_the_demo_config_is_shipped():
     assert any(p.name == "demo.yaml" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], True),  # every layer converted
+    (["convert.lead=false"], False),
+    (["convert.keep_attention=4"], False),  # attention layers would see the lead at position 0
+    (["convert.layers=[0, 1]"], False),
+])
+def test_an_all_rwkv_student_reads_a_lead_by_default(overrides, expected):
+    assert load_config(overrides=overrides).convert.lead is expected
 
 
 def test_a_lead_token_is_for_an_all_rwkv_student():

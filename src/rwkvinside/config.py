@@ -56,8 +56,10 @@ class ConvertConfig:
     # forward (training, generation, evaluation, the exported model alike): its first token is then
     # always the one whose state it learned, as the windows led by the EOS give it, while the teacher
     # is matched on text as it comes (BENCHMARKS.md: the stage-2 spikes come from the student's own
-    # first token). data.eos_first then defaults to false.
-    lead: bool = False
+    # first token; at full budget the lead matched half-led windows' held-out scores with 2 spikes
+    # against 156). The lead is one of the data.seq_len tokens the student reads, and data.eos_first
+    # defaults to false. null (the default): on for an all-RWKV student, off where attention stays.
+    lead: bool | None = None
 
     def __post_init__(self):
         if self.init not in INITIALISATIONS:
@@ -94,17 +96,17 @@ class DataConfig:
     train: list[str | WeightedPath] = field(default_factory=list)
     chat: list[str] = field(default_factory=list)  # chat data for stage 3 (JSONL/Parquet `messages`)
     eval: list[str] = field(default_factory=list)  # held-out text for perplexity
-    seq_len: int = 512  # tokens per training sequence
+    seq_len: int = 512  # tokens the student reads per training sequence (its lead is one: convert.lead)
     # the fraction of packed training sequences that start with the EOS, as a document does; the others
     # are plain slices of the stream (true: every one, false: none). A window that starts mid-text puts
     # an arbitrary token at position 0, the teacher's attention sink, and stage 2's gradient spiked
     # there. But a student that only ever saw the EOS first does not handle an ordinary first token,
     # as prompts and mid-text windows have: a hybrid reached 2.5x the teacher's perplexity mid-text
     # instead of 1.2x, and an all-RWKV student on an H200 continued "The capital of France is" with
-    # " 180000...". null (the default): ALL_RWKV_EOS_FIRST for an all-RWKV student (on an H200 half
-    # beat always on every held-out file, and its continuations are sound; its stage-2 spikes are back),
-    # off where attention stays (convert.layers or convert.keep_attention) and where the student reads
-    # a lead of its own (convert.lead). BENCHMARKS.md has the runs.
+    # " 180000...". null (the default): off where the student reads a lead of its own (convert.lead,
+    # the all-RWKV default) and where attention stays (convert.layers or convert.keep_attention);
+    # ALL_RWKV_EOS_FIRST for an all-RWKV student without its lead (on an H200 half beat always on every
+    # held-out file, and its continuations are sound; its stage-2 spikes are back). BENCHMARKS.md has the runs.
     eos_first: bool | float | None = None
     eval_tokens: int = 16384  # tokens scored of each held-out file after a stage (0: skip)
     streaming: bool = False  # read corpora lazily (for data larger than memory)
@@ -273,10 +275,15 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
+        all_rwkv = self.convert.layers is None and self.convert.keep_attention == 0
+        if self.convert.lead is None:
+            self.convert.lead = all_rwkv
         if self.data.eos_first is None:
-            all_rwkv = self.convert.layers is None and self.convert.keep_attention == 0
             # a student with convert.lead reads the EOS first already
             self.data.eos_first = ALL_RWKV_EOS_FIRST if all_rwkv and not self.convert.lead else False
+        if self.convert.lead and self.data.seq_len < 3:
+            raise ValueError(f"data.seq_len must be at least 3 with convert.lead (the lead is one of the tokens "
+                             f"the student reads), not {self.data.seq_len}")
         if self.train.compile and self.engine.kind == "deepspeed" and self.engine.zero_stage == 3:
             raise ValueError("train.compile does not work with DeepSpeed ZeRO-3, which gathers each module's "
                              "partitioned weights in hooks around its own forward call: set engine.zero_stage "

@@ -103,14 +103,13 @@ def test_with_eos_first_streaming_windows_equal_in_memory_windows(tiny_tokenizer
 def test_with_eos_first_a_corpus_of_seq_len_tokens_is_enough(tiny_tokenizer):
     count = len(reference_stream(tiny_tokenizer, ["tiny"]))
     assert len(PackedDataset.from_texts(["tiny"], tiny_tokenizer, count, eos_first=True)) == 1
-    with pytest.raises(UserError, match=rf"has {count} tokens but one training sequence of --seq-len {count + 1} "
-                                        rf"needs {count + 1}"):
+    with pytest.raises(UserError, match=rf"has {count} tokens but one training sequence needs {count + 1}"):
         PackedDataset.from_texts(["tiny"], tiny_tokenizer, count + 1, eos_first=True)
 
 
 def test_corpus_too_small_for_one_sequence(tiny_tokenizer):
     count = len(reference_stream(tiny_tokenizer, ["tiny"]))
-    message = rf"has {count} tokens but one training sequence of --seq-len 64 needs 65; give a smaller"
+    message = rf"has {count} tokens but one training sequence needs 65; give a smaller --seq-len"
     with pytest.raises(UserError, match=message):
         PackedDataset.from_texts(["tiny"], tiny_tokenizer, 64)
     with pytest.raises(UserError, match=message):

@@ -24,7 +24,10 @@ from rwkvinside.modeling.student_folder import load_student
 
 from .conftest import BATCH, SEQ_LEN, STEPS, TEACHER_LAYERS, distill_args, error_line
 
-TOKENS = STEPS * BATCH * SEQ_LEN
+# An all-RWKV student reads its lead (convert.lead) as the first of its SEQ_LEN tokens: the windows
+# hold SEQ_LEN - 1 tokens of text, each a target.
+WINDOW = SEQ_LEN - 1
+TOKENS = STEPS * BATCH * WINDOW
 
 @pytest.fixture(scope="module")
 def run12(tmp_path_factory, inputs) -> Path:
@@ -93,7 +96,7 @@ def test_a_run_folder_loads_as_its_last_stage_student(run12):
 def test_one_log_record_per_optimizer_step(run12, number, terms):
     records = read_log(run12 / f"stage{number}/log.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    assert [r["tokens"] for r in records] == [BATCH * SEQ_LEN * (i + 1) for i in range(STEPS)]
+    assert [r["tokens"] for r in records] == [BATCH * WINDOW * (i + 1) for i in range(STEPS)]
     for record in records:
         for key in ["loss", "lr", "tokens", *terms]:
             assert math.isfinite(record[key]), (key, record)
@@ -149,9 +152,9 @@ def test_the_report_scores_each_held_out_file(run12, inputs):
 def test_the_markdown_report_has_a_row_per_file_and_model(run12, inputs):
     report = json.loads((run12 / "report.json").read_text())
     lines = (run12 / "report.md").read_text().splitlines()
-    assert any(line.startswith("| 1 (attention alignment) | 3 | 192 |") and "| max_steps |" in line
+    assert any(line.startswith(f"| 1 (attention alignment) | 3 | {TOKENS} |") and "| max_steps |" in line
                for line in lines)
-    assert any(line.startswith("| 2 (knowledge distillation) | 3 | 192 |") and "| max_steps |" in line
+    assert any(line.startswith(f"| 2 (knowledge distillation) | 3 | {TOKENS} |") and "| max_steps |" in line
                for line in lines)
     baseline = report["baseline"]
     for i, path in enumerate(held_out_files(inputs)):
@@ -225,7 +228,7 @@ def test_eval_tokens_0_skips_every_perplexity(tmp_path, inputs):
 
 @pytest.mark.parametrize("budget, extra", [
     ("max_time", ["stage1.max_time=0.5", "stage1.max_steps=1000"]),
-    ("max_tokens", ["--max-tokens", str(2 * BATCH * SEQ_LEN - 1)]),
+    ("max_tokens", ["--max-tokens", str(2 * BATCH * WINDOW - 1)]),
 ])
 def test_ended_by_names_the_budget_that_ended_the_stage(tmp_path, inputs, budget, extra):
     output = tmp_path / "run"
@@ -236,7 +239,7 @@ def test_ended_by_names_the_budget_that_ended_the_stage(tmp_path, inputs, budget
     if budget == "max_time":
         assert summary["elapsed"] >= 0.5 and 1 <= summary["step"] < 1000
     else:
-        assert summary["step"] == 2 and summary["tokens"] == 2 * BATCH * SEQ_LEN
+        assert summary["step"] == 2 and summary["tokens"] == 2 * BATCH * WINDOW
     assert len(records) == summary["step"]
     assert any(line.startswith("| 1 (attention alignment) |") and f"| {budget} |" in line
                for line in (output / "report.md").read_text().splitlines())
@@ -281,6 +284,29 @@ def test_init_from_a_run_folder_takes_its_last_stage_student(tmp_path, inputs, r
     history = metadata(output / "stage2/student")["history"]
     assert history[:-1] == metadata(run12 / "stage1/student")["history"]
     assert [h["stage"] for h in history] == [1, 2]
+
+
+@pytest.mark.parametrize("overrides, window", [
+    ([], SEQ_LEN - 1),  # all-RWKV: the student reads its lead, then SEQ_LEN - 1 tokens of text
+    (["convert.lead=false"], SEQ_LEN),
+    (["convert.keep_attention=1"], SEQ_LEN),  # attention stays: no lead
+])
+def test_the_student_reads_seq_len_tokens_its_lead_included(inputs, tokenizer, overrides, window):
+    config = load_config(overrides=[f"data.train=['{inputs['corpus']}']", f"data.seq_len={SEQ_LEN}",
+                                    f"train.batch_size={BATCH}", *overrides])
+    batch = next(loader_for(STAGES[2], config, tokenizer, rank=0, world_size=1))
+    assert batch["input_ids"].shape == batch["labels"].shape == (BATCH, window)
+
+
+def test_a_later_stage_keeps_the_lead_of_the_student_it_starts_from(tmp_path, inputs, run12, capsys):
+    """run12's student reads a lead (the all-RWKV default): stage 2 told otherwise would cut its windows
+    for a student without one."""
+    output = tmp_path / "out"
+    args = distill_args(inputs, output, "--stage", "2", "--init-from", str(run12), "convert.lead=false")
+    assert cli.main(args) == 2
+    line = error_line(capsys)
+    assert "reads lead token but convert.lead is false" in line and "pass convert.lead=true" in line
+    assert not output.exists()
 
 
 def test_init_from_a_run_without_a_finished_stage(tmp_path, inputs, run12, capsys):
@@ -374,7 +400,7 @@ def bad_data(tmp_path: Path, kind: str) -> Path:
     ("missing_data", "data path .* does not exist"),
     ("empty", "holds no documents"),
     ("latin1", "not valid UTF-8"),
-    ("small", "the corpus has 10 tokens but one training sequence of --seq-len 32 needs 32"),
+    ("small", "the corpus has 10 tokens but one training sequence needs 32; give a smaller --seq-len"),
     ("unknown_key", "unknown config key 'stage1.learning_rate'"),
     ("bad_stage", "--stage must be 1, 2, 3 or all"),
     ("missing_deepspeed_json", "DeepSpeed config .* does not exist"),

@@ -18,8 +18,9 @@ overlap; every token is a target exactly once). Position 0 is special to a trans
 attention sink, a residual activation hundreds of times the others'); a window that starts mid-text
 puts an arbitrary token there, and in stage 2 that position's gradients spiked by up to 50,000x
 the median token's (BENCHMARKS.md). The configuration turns the lead on only for an all-RWKV
-student: one that keeps attention layers must learn to build their sink from any first token, as
-prompts have, and EOS-first windows never show it one (`config.DataConfig.eos_first`).
+student that reads no lead of its own (`convert.lead=false`): one that keeps attention layers must
+learn to build their sink from any first token, as prompts have, and EOS-first windows never show it
+one (`config.DataConfig.eos_first`).
 
 A lead may also come first in only a fraction f of the windows (`Lead.fraction`), spread evenly
 (window i has it where ceil(i*f) < ceil((i+1)*f): window 0 always). A window without it then starts
@@ -135,7 +136,7 @@ def pack_windows(chunks: Iterable[np.ndarray], seq_len: int, lead: Lead | None =
         keep_from = index * seq_len - (1 if lead is not None and index else 0)
         buffer, base = buffer[keep_from - base:], keep_from
     if total < needed:
-        raise too_small(total, seq_len, needed)
+        raise too_small(total, needed)
 
 
 def packed_sample(window: np.ndarray, seq_len: int) -> Sample:
@@ -143,9 +144,9 @@ def packed_sample(window: np.ndarray, seq_len: int) -> Sample:
     return shifted_sample(torch.from_numpy(np.ascontiguousarray(window)), seq_len, pad_id=0)
 
 
-def too_small(num_tokens: int, seq_len: int, needed: int) -> UserError:
-    return UserError(f"the corpus has {num_tokens} tokens but one training sequence of --seq-len {seq_len} "
-                     f"needs {needed}; give a smaller --seq-len or more data")
+def too_small(num_tokens: int, needed: int) -> UserError:
+    return UserError(f"the corpus has {num_tokens} tokens but one training sequence needs {needed}; give a "
+                     "smaller --seq-len or more data")
 
 
 class PackedDataset:
@@ -155,7 +156,7 @@ class PackedDataset:
         """tokens: [N] int32, the whole stream; lead: a token to start windows with (or None)."""
         needed = stream_tokens_needed(seq_len, lead)
         if tokens.size < needed:
-            raise too_small(tokens.size, seq_len, needed)
+            raise too_small(tokens.size, needed)
         self.tokens = tokens
         self.seq_len = seq_len
         self.lead = lead

@@ -18,7 +18,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from rwkvinside.modeling.convert import ConversionSpec, convert, keep_teacher_at
 from rwkvinside.modeling.loading import load_teacher, resolve_teacher
 from rwkvinside.modeling.student import RWKVInsideForCausalLM
 from rwkvinside.modeling.student_folder import (STUDENT, load_student, read_metadata, resolve_student_folder,
-                                               save_student)
+                                               save_student, student_config)
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,12 @@ def check_inputs(config: Config, plan: RunPlan) -> None:
     if config.data.eval and config.data.eval_tokens:
         resolve_sources(config.data.eval)
     if plan.init_from is not None:
-        read_metadata(Path(plan.init_from))
+        folder = resolve_student_folder(plan.init_from)
+        reads_lead = student_config(folder, read_metadata(folder)).lead_token_id is not None
+        if reads_lead != config.convert.lead:
+            raise UserError(f"the student in '{folder}' {'reads' if reads_lead else 'has no'} lead token but "
+                            f"convert.lead is {str(config.convert.lead).lower()}; the training windows follow "
+                            f"the student: pass convert.lead={str(reads_lead).lower()}")
     if config.engine.kind == "deepspeed" and config.engine.deepspeed_config:
         read_deepspeed_json(config.engine.deepspeed_config)
     if config.convert.keep_attention and 1 in plan.stages and config.engine.kind == "deepspeed" \
@@ -169,7 +174,10 @@ def check_inputs(config: Config, plan: RunPlan) -> None:
 
 
 def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: int):
-    return build_train_loader(config.data, stage_data(stage, config), config.train.batch_size, tokenizer,
+    # A student with a lead reads it as the first of its data.seq_len tokens: windows one token shorter
+    # keep the length the kernels and compiled products are fastest at (BENCHMARKS.md).
+    data = replace(config.data, seq_len=config.data.seq_len - 1) if config.convert.lead else config.data
+    return build_train_loader(data, stage_data(stage, config), config.train.batch_size, tokenizer,
                               chat=stage.data == "chat", rank=rank, world_size=world_size)
 
 
