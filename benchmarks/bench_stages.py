@@ -382,8 +382,8 @@ def teacher_batches(teacher: nn.Module, args: argparse.Namespace, world: World
                     ) -> Iterator[dict[str, Tensor]]:
     """The teacher's micro-batches: all of a step's sequences (batch-size x grad-accum) at once, on the
     device. No attention mask: packed text masks nothing, and the Trainer drops such masks too."""
-    batches = synthetic_batches(teacher.config.vocab_size, window_len(args), args.batch_size * args.grad_accum,
-                                args.seed, world)
+    batches = synthetic_batches(teacher.config.vocab_size, window_len(args),
+                                args.batch_size * args.grad_accum, args.seed, world)
     for batch in batches:
         yield {key: batch[key].to(world.device) for key in ("input_ids", "labels")}
 
@@ -699,7 +699,8 @@ def cold_start(model: str, args: argparse.Namespace, tuned_record: bool = True) 
             "--models", model, "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
             "--seq-len", str(args.seq_len)]
         command = [sys.executable, str(Path(__file__).resolve()), *sizes, "--teacher", args.teacher,
-                   "--seed", str(args.seed), "--lead", args.lead, "--out", scratch, "--cold-start-child", str(result_path),
+                   "--seed", str(args.seed), "--lead", args.lead, "--out", scratch,
+                   "--cold-start-child", str(result_path),
                    *([] if tuned_record else ["--without-tuned-record"])]
         env = {**os.environ, "TRITON_CACHE_DIR": cache}
         logger.info("cold start: %s (TRITON_CACHE_DIR=%s)", " ".join(command), cache)
@@ -862,8 +863,8 @@ def steps_table(report: dict[str, Any], settings: dict[str, Any]) -> str:
     header = (f"Training steps, {settings['dtype']}, on {report['device']}: {report['model']} (teacher "
               f"`{report['teacher']}`, {shape['layers']} layers, width {shape['hidden_size']}, "
               f"{shape['heads']} heads of {shape['head_size']}), {settings['tokens_per_step']} tokens per "
-              f"optimizer step (student {settings['micro_batch_per_process']} x {settings['seq_len']}{lead} per "
-              f"micro-batch{processes}, grad_accum {settings['grad_accum']}{teacher}), "
+              f"optimizer step (student {settings['micro_batch_per_process']} x {settings['seq_len']}{lead} "
+              f"per micro-batch{processes}, grad_accum {settings['grad_accum']}{teacher}), "
               f"engine {engine}. Median of {settings['steps']} steps after {settings['warmup']} warm-up "
               f"steps. Profiler columns: {clock} ms of one profiled step under each label, backward "
               f"included; rest = the step's total minus the labels.")

@@ -45,7 +45,8 @@ def add_distill(commands) -> None:
                                        "earlier stage to start stage 2 or 3 from")
     p.add_argument("--max-steps", type=number_type(int, minimum=1), help="optimizer steps per stage")
     p.add_argument("--max-tokens", type=number_type(int, minimum=1), help="trained tokens per stage")
-    p.add_argument("--seq-len", type=number_type(int, minimum=2), help="tokens per training sequence")
+    p.add_argument("--seq-len", type=number_type(int, minimum=2),
+                   help="tokens the student reads per training sequence (its lead included)")
     p.add_argument("--batch-size", type=number_type(int, minimum=1), help="sequences per micro-batch per process")
     p.add_argument("--save-every", type=number_type(int, minimum=0), help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output")

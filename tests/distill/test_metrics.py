@@ -38,3 +38,6 @@ def test_report_names_the_spikes_of_a_stage_and_is_silent_without_them():
         log([1.0] * 20 + [50.0]))}}}
     assert "Stage 2: 1 of 11 steps had a gradient norm above 10x the median of the 50 steps before " \
            "(the worst: 50 at step 21, median 1)" in render_report(spiky)
+    assert "windows cut mid-text" in render_report({**spiky, "windows_cut_mid_text": True})
+    led = render_report({**spiky, "windows_cut_mid_text": False})  # convert.lead, or data.eos_first true
+    assert "windows cut mid-text" not in led and "every window starts after the EOS here" in led

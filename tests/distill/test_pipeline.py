@@ -62,6 +62,8 @@ def test_the_run_folder_holds_config_plan_logs_students_and_report(run12, inputs
     assert config.data.train == [str(inputs["corpus"])]
     assert (config.data.seq_len, config.train.batch_size, config.stage2.max_steps) == (SEQ_LEN, BATCH, STEPS)
     assert config.stage1.warmup_steps == 1 and config.stage1.max_tokens == 0
+    assert config.convert.lead and config.data.eos_first is False  # an all-RWKV student reads its lead
+    assert json.loads((run12 / "report.json").read_text())["windows_cut_mid_text"] is False
 
 
 @pytest.mark.parametrize("number", [1, 2])

@@ -198,7 +198,10 @@ class Pipeline:
         self.device = resolve_device(config.train.device, self.local_rank)
         self.dtype = resolve_dtype(config.train.dtype, self.device)
         self.teacher = Teacher(config, self.device, self.dtype)
-        self.report: dict[str, Any] = {"output": str(folder), "stages": {}}
+        # whether a training window may start mid-text with no EOS before the student's first token
+        windows_cut_mid_text = not config.convert.lead and config.data.eos_first_fraction < 1
+        self.report: dict[str, Any] = {"output": str(folder), "stages": {},
+                                       "windows_cut_mid_text": windows_cut_mid_text}
 
     @property
     def is_main(self) -> bool:
@@ -452,15 +455,18 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"| {number} ({s['name']}) | {s['step']} | {s['tokens']} | {s['elapsed']:.0f} | "
                      f"{s.get('ended_by', '')} | {'' if loss is None else f'{loss:.4g}'} |")
     spiky = [(number, s["gradient_spikes"]) for number, s in stages if (s.get("gradient_spikes") or {}).get("count")]
+    causes = ("windows cut mid-text with no EOS before them (data.eos_first below 1 without convert.lead) put an "
+              "arbitrary token at position 0, the teacher's attention sink, and in the RWKV-7 layers its state "
+              "reaches every later token; or a learning rate too high for some parameters"
+              if report.get("windows_cut_mid_text", True) else
+              "every window starts after the EOS here, so look at the learning rates (stageN.lr, "
+              "stageN.teacher_lr_scale) and warm-up")
     for number, spikes in spiky:
         worst = spikes["worst"]
         lines += ["", f"Stage {number}: {spikes['count']} of {spikes['steps_judged']} steps had a gradient norm above "
                   f"{SPIKE_FACTOR:g}x the median of the {SPIKE_WINDOW} steps before (the worst: {worst['grad_norm']:.4g} "
                   f"at step {worst['step']}, median {worst['median']:.3g}); clipping bounded the updates, but "
-                  "such spikes point to an unstable recipe: windows cut mid-text with no EOS before them "
-                  "(data.eos_first below 1 without convert.lead) put an arbitrary token at position 0, the "
-                  "teacher's attention sink, and in the RWKV-7 layers its state reaches every later token; "
-                  "or a learning rate too high for some parameters."]
+                  f"such spikes point to an unstable recipe: {causes}."]
     base = report.get("baseline") or {}
     teacher_ppl = {f["path"]: f["student_ppl"] for f in base.get("teacher") or []}
     rows = [(f["path"], "teacher", f["student_ppl"], None, None, (None, None)) for f in base.get("teacher") or []]
