@@ -174,8 +174,8 @@ def check_inputs(config: Config, plan: RunPlan) -> None:
 
 
 def loader_for(stage: Stage, config: Config, tokenizer, rank: int, world_size: int):
-    # A student with a lead reads it as the first of its data.seq_len tokens: windows one token shorter
-    # keep the length the kernels and compiled products are fastest at (BENCHMARKS.md).
+    # A student with a lead reads it as the first of its data.seq_len tokens (windows one token shorter),
+    # so that it reads the length it is configured, sized and compiled for, not one more.
     data = replace(config.data, seq_len=config.data.seq_len - 1) if config.convert.lead else config.data
     return build_train_loader(data, stage_data(stage, config), config.train.batch_size, tokenizer,
                               chat=stage.data == "chat", rank=rank, world_size=world_size)
