@@ -19,7 +19,7 @@ from rwkvinside.distill import pipeline
 from rwkvinside.distill.metrics import read_log
 from rwkvinside.distill.pipeline import loader_for
 from rwkvinside.distill.stages import STAGES
-from rwkvinside.modeling.student import RWKVInsideForCausalLM
+from rwkvinside.modeling.student import RWKVInsideForCausalLM, with_lead
 from rwkvinside.modeling.student_folder import load_student
 
 from .conftest import BATCH, SEQ_LEN, STEPS, TEACHER_LAYERS, distill_args, error_line
@@ -298,6 +298,9 @@ def test_the_student_reads_seq_len_tokens_its_lead_included(inputs, tokenizer, o
                                     f"train.batch_size={BATCH}", *overrides])
     batch = next(loader_for(STAGES[2], config, tokenizer, rank=0, world_size=1))
     assert batch["input_ids"].shape == batch["labels"].shape == (BATCH, window)
+    read = with_lead(tokenizer.eos_token_id, batch["input_ids"], None)[0] if config.convert.lead \
+        else batch["input_ids"]
+    assert read.shape == (BATCH, SEQ_LEN)
 
 
 def test_a_later_stage_keeps_the_lead_of_the_student_it_starts_from(tmp_path, inputs, run12, capsys):
