@@ -3,7 +3,7 @@
 set -x; source .gpu/env.sh; date; git log --oneline -1
 declare -A FROM=([base]=tied [rate1]=tied [untied]=untied [seq1024]=tied)
 declare -A ARM=([base]="" [rate1]="stage2.teacher_lr_scale=1.0" [untied]="" [seq1024]="data.seq_len=1024 train.batch_size=16")
-for name in base rate1 untied seq1024; do
+arms=${*:-base rate1 untied seq1024}; for name in $arms; do
   timeout 150 python3 -m rwkvinside.cli -q distill --config configs/smollm2_135m_10min.yaml --teacher /tmp/t/hf --stage 2 \
     --init-from /tmp/s1_${FROM[$name]} --output /tmp/s2_$name stage2.max_time=0 stage2.max_steps=250 ${ARM[$name]} \
     "$TRAIN" "data.eval=[]" 2>&1 | tail -3
