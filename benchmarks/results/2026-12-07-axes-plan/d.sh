@@ -1,8 +1,8 @@
 # recipe axes, calls D and E: how a fixed time divides between the stages, at a reduced budget of
 # 150 s (the recipe's 600 s divide 1:3). Each arm is one `distill` of stages 1 and 2 on the teacher
-# samples of ../2026-12-07-h100-axes/b.sh (run it first, on the same warm machine, so that every arm finds Triton's and
-# Inductor's caches filled), then scored as that folder's c.sh scores. Usage: bash .gpu/d.sh 20 40; bash .gpu/d.sh 75
-# (stage 1's seconds per arm; stage 2 gets the rest of 150).
+# samples of ../2026-12-07-h100-axes/b.sh (run it first, on the same warm machine, so that every arm
+# finds Triton's and Inductor's caches filled), then scored as that folder's c.sh scores.
+# Usage: bash .gpu/d.sh 20 40; bash .gpu/d.sh 75 (stage 1's seconds per arm; stage 2 gets the rest of 150).
 set -x; source .gpu/env.sh; date; git log --oneline -1
 for first in "$@"; do
   timeout 280 python3 -m rwkvinside.cli -q distill --config configs/smollm2_135m_10min.yaml --teacher /tmp/t/hf \
