@@ -1,7 +1,8 @@
 # recipe axes, calls D and E: how a fixed time divides between the stages, at a reduced budget of
-# 150 s (the recipe's 600 s divide 1:3). Each arm is one `distill` of stages 1 and 2 on the teacher
-# samples of ../2026-12-07-h100-axes/b.sh (run it first, on the same warm machine, so that every arm
-# finds Triton's and Inductor's caches filled), then scored as that folder's c.sh scores.
+# 150 s (the recipe's 600 s divided 1:3 when this was planned). Each arm is one `distill` of stages 1
+# and 2 on the teacher samples of ../2026-12-07-h100-axes/b.sh, then scored as that folder's c.sh
+# scores. Run ../2026-12-07-h100-split/e.sh first, on the same warm machine: b.sh compiles stage 1
+# only, and e.sh's 10 stage-2 steps fill stage 2's caches too, so no arm compiles inside its budget.
 # Usage: bash .gpu/d.sh 20 40; bash .gpu/d.sh 75 (stage 1's seconds per arm; stage 2 gets the rest of 150).
 set -x; source .gpu/env.sh; date; git log --oneline -1
 for first in "$@"; do
