@@ -1,6 +1,6 @@
 # the recipe at full budget as it now runs (stage 1 300 s, stage 2 300 s), one call a step, each
 # within 30 s of the one before: bash .gpu/full.sh synth (~300 s: the teacher as a Hugging Face
-# folder, 20M teacher samples), bash .gpu/full.sh stage1 (~380 s), bash .gpu/full.sh stage2 (~450 s,
+# folder, 20M teacher samples), bash .gpu/full.sh stage1 (~400 s), bash .gpu/full.sh stage2 (~460 s,
 # scored as ../2026-12-07-h100-rate-full/ was: windows of 512, 65,536 tokens a file, beside the teacher)
 set -x; source .gpu/env.sh; date; git log --oneline -1
 case $1 in
